@@ -1,0 +1,114 @@
+"""The ``.roic`` file format: pack and unpack, with one clear error type.
+
+Layout (little-endian)::
+
+    magic      4 bytes  b"ROIC"
+    version    u8       FORMAT_VERSION
+    variant    u8 length + ASCII name
+    fingerprint 8 bytes  of the checkpoint's parameters
+    width, height        u32, u32   original image size (decoder crops to it)
+    rate, roi_quality    f32, f32   the knobs the file was made with
+    groups     u8 count; per group: u8 string count, then u32 length per string
+    payload    the entropy-coded strings, in order
+    crc32      u32 over every byte before it
+
+The CRC makes truncation and flipped bytes anywhere a clean :class:`BitstreamError`
+before any entropy decoding runs; the fingerprint makes decoding with another
+checkpoint a clear error too. The decoder needs no mask.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+MAGIC = b"ROIC"
+FORMAT_VERSION = 1
+FINGERPRINT_BYTES = 8
+MAX_SIDE = 1 << 16
+
+
+class BitstreamError(ValueError):
+    """A ``.roic`` file that cannot be decoded: not ours, damaged, or from another model."""
+
+
+@dataclass(frozen=True)
+class RoicHeader:
+    """Everything the decoder needs besides the model and the strings."""
+
+    variant: str
+    fingerprint: bytes
+    width: int
+    height: int
+    rate: float
+    roi_quality: float
+
+
+def pack(header: RoicHeader, groups: list[list[bytes]]) -> bytes:
+    """Serialise a header and the entropy-coded string groups into ``.roic`` bytes."""
+    name = header.variant.encode("ascii")
+    if len(name) > 255 or len(header.fingerprint) != FINGERPRINT_BYTES:
+        raise ValueError("variant name too long or fingerprint of wrong size")
+    if not (0 < header.width <= MAX_SIDE and 0 < header.height <= MAX_SIDE):
+        raise ValueError(f"image size {header.width}x{header.height} outside 1..{MAX_SIDE}")
+    parts = [MAGIC, struct.pack("<BB", FORMAT_VERSION, len(name)), name, header.fingerprint,
+             struct.pack("<IIff", header.width, header.height, header.rate, header.roi_quality),
+             struct.pack("<B", len(groups))]
+    for group in groups:
+        parts.append(struct.pack("<B", len(group)))
+        parts.extend(struct.pack("<I", len(s)) for s in group)
+    parts.extend(s for group in groups for s in group)
+    body = b"".join(parts)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise BitstreamError("truncated .roic file")
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return chunk
+
+    def unpack(self, fmt: str) -> tuple:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))
+
+
+def unpack(data: bytes) -> tuple[RoicHeader, list[list[bytes]]]:
+    """Parse and verify ``.roic`` bytes; raise :class:`BitstreamError` on any problem."""
+    if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
+        raise BitstreamError("not a .roic file (bad magic bytes)")
+    if len(data) < len(MAGIC) + 5:
+        raise BitstreamError("truncated .roic file")
+    body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
+    if zlib.crc32(body) != crc:
+        raise BitstreamError("corrupted or truncated .roic file (checksum mismatch)")
+    r = _Reader(body)
+    r.take(len(MAGIC))
+    version, name_len = r.unpack("<BB")
+    if version != FORMAT_VERSION:
+        raise BitstreamError(f"unsupported .roic format version {version} "
+                             f"(this build reads version {FORMAT_VERSION})")
+    try:
+        variant = r.take(name_len).decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise BitstreamError("corrupted .roic header (variant name)") from exc
+    fingerprint = r.take(FINGERPRINT_BYTES)
+    width, height, rate, roi_quality = r.unpack("<IIff")
+    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+        raise BitstreamError(f"corrupted .roic header (image size {width}x{height})")
+    if not (0.0 <= rate <= 1.0 and 0.0 <= roi_quality <= 1.0):
+        raise BitstreamError("corrupted .roic header (rate or ROI quality out of range)")
+    (n_groups,) = r.unpack("<B")
+    lengths = []
+    for _ in range(n_groups):
+        (n_strings,) = r.unpack("<B")
+        lengths.append([r.unpack("<I")[0] for _ in range(n_strings)])
+    groups = [[r.take(n) for n in group] for group in lengths]
+    if r.pos != len(body):
+        raise BitstreamError("corrupted .roic file (trailing bytes)")
+    return RoicHeader(variant, fingerprint, width, height, rate, roi_quality), groups

@@ -1,0 +1,293 @@
+"""ROI codec variants on CompressAI's mean-scale hyperprior, registered by name.
+
+Every variant takes ``(x, mask, roi_quality, rate)``:
+
+- ``mask``: (B,1,H,W) in [0,1], 1 = ROI; ``None`` means all ROI (uniform quality).
+- ``roi_quality`` Q in [0,1]: the value every non-ROI pixel takes before the mask
+  conditions the encoder (``m + (1 - m) Q``); Q = 1 is uniform quality.
+- ``rate`` in [0,1]: the position on the continuous rate scale of the gain units.
+
+The decoder never needs the mask: ``decompress(strings, shape, rate)`` rebuilds the
+image from the bitstream and the rate alone (the rate travels in the file header).
+
+Variants:
+- ``tlic``: smoothed ROI map scales all but the first K latent channels,
+  ``y * (RM + alpha) / (1 + alpha)``.
+- ``sft``: SFT blocks at each encoder scale conditioned on mask + image; the
+  decoder's SFT condition comes from the decoded hyper-latent.
+- ``tma``: the mask (with the user's non-ROI value) enters the encoder as a fourth
+  input channel, and a latent mask attention block rescales y.
+- ``ggm``: ``sft`` with a generalized Gaussian entropy model (learned shape beta).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+from compressai.layers import GDN
+from compressai.models import CompressionModel
+from compressai.models.base import get_scale_table
+from compressai.models.utils import conv, deconv
+from torch import nn
+
+from pipeline.codec.layers import (SFT, GainUnits, LatentMaskAttention, MaskImageCondition,
+                                   RateLike, pool_mask)
+from pipeline.masks.ops import assign_nonroi_value
+
+MODELS: dict[str, type["ROICodec"]] = {}
+
+# CompressAI's default 64-level scale table costs ~3% extra bits on low-scale latents
+# (a table scale up to 13% wider than predicted); 256 levels (3% apart) cut that to ~1%.
+SCALE_TABLE_LEVELS = 256
+
+
+def register_model(name: str) -> Callable[[type["ROICodec"]], type["ROICodec"]]:
+    """Class decorator: make a variant buildable by name."""
+    def wrap(cls: type[ROICodec]) -> type[ROICodec]:
+        cls.variant = name
+        MODELS[name] = cls
+        return cls
+    return wrap
+
+
+def build_model(variant: str, **config: Any) -> "ROICodec":
+    """Build a registered variant, e.g. ``build_model("tlic", N=64, M=96)``."""
+    if variant not in MODELS:
+        raise ValueError(f"unknown codec variant {variant!r}; choose from {sorted(MODELS)}")
+    return MODELS[variant](**config)
+
+
+def pad_to_multiple(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Replicate-pad the bottom/right of a (B,C,H,W) tensor to a multiple of ``multiple``."""
+    h, w = t.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    return F.pad(t, (0, pw, 0, ph), mode="replicate") if ph or pw else t
+
+
+def _analysis_layers(in_ch: int, N: int, M: int) -> nn.Sequential:
+    return nn.Sequential(conv(in_ch, N), GDN(N), conv(N, N), GDN(N), conv(N, N), GDN(N),
+                         conv(N, M))
+
+
+def _synthesis_layers(N: int, M: int) -> nn.Sequential:
+    return nn.Sequential(deconv(M, N), GDN(N, inverse=True), deconv(N, N), GDN(N, inverse=True),
+                         deconv(N, N), GDN(N, inverse=True), deconv(N, 3))
+
+
+class ROICodec(CompressionModel):
+    """Mean-scale hyperprior with ROI conditioning hooks and gain units for variable rate.
+
+    Subclasses implement :meth:`analysis` (x, effective mask -> y) and may override
+    :meth:`synthesis` (y_hat, z_hat -> x_hat) and the latent entropy model hooks.
+    """
+
+    variant: ClassVar[str] = "base"
+    stride: ClassVar[int] = 64  # 16 (g_a) x 4 (h_a)
+
+    def __init__(self, N: int = 128, M: int = 192, n_rates: int = 4) -> None:
+        super().__init__()
+        self.N, self.M, self.n_rates = N, M, n_rates
+        self.entropy_bottleneck = EntropyBottleneck(N)
+        self.gaussian_conditional = GaussianConditional(None)
+        self.h_a = nn.Sequential(conv(M, N, stride=1, kernel_size=3), nn.LeakyReLU(inplace=True),
+                                 conv(N, N), nn.LeakyReLU(inplace=True), conv(N, N))
+        self.h_s = nn.Sequential(deconv(N, M), nn.LeakyReLU(inplace=True),
+                                 deconv(M, M * 3 // 2), nn.LeakyReLU(inplace=True),
+                                 conv(M * 3 // 2, self._entropy_param_channels(), stride=1,
+                                      kernel_size=3))
+        self.gain = GainUnits(n_rates, M)
+
+    # -- configuration ---------------------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments, enough to rebuild the model with :func:`build_model`."""
+        return {"N": self.N, "M": self.M, "n_rates": self.n_rates}
+
+    # -- variant hooks ---------------------------------------------------------------
+    def analysis(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def synthesis(self, y_hat: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+        return self.g_s(y_hat)  # variants without their own synthesis define ``g_s``
+
+    def _entropy_param_channels(self) -> int:
+        return 2 * self.M
+
+    def _latent_forward(self, y: torch.Tensor, z_hat: torch.Tensor):
+        scales, means = self.h_s(z_hat).chunk(2, 1)
+        return self.gaussian_conditional(y, scales, means=means)
+
+    def _latent_compress(self, y: torch.Tensor, z_hat: torch.Tensor) -> list[bytes]:
+        scales, means = self.h_s(z_hat).chunk(2, 1)
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        return self.gaussian_conditional.compress(y, indexes, means=means)
+
+    def _latent_decompress(self, strings: list[bytes], z_hat: torch.Tensor) -> torch.Tensor:
+        scales, means = self.h_s(z_hat).chunk(2, 1)
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        return self.gaussian_conditional.decompress(strings, indexes, z_hat.dtype, means=means)
+
+    # -- shared plumbing -------------------------------------------------------------
+    def update(self, scale_table: torch.Tensor | None = None, force: bool = False,
+               update_quantiles: bool = False) -> bool:
+        """Build the entropy coders' CDF tables (a finer scale table than CompressAI's)."""
+        if scale_table is None:
+            scale_table = get_scale_table(levels=SCALE_TABLE_LEVELS)
+        return super().update(scale_table, force=force, update_quantiles=update_quantiles)
+
+    @staticmethod
+    def effective_mask(x: torch.Tensor, mask: torch.Tensor | None,
+                       roi_quality: RateLike) -> torch.Tensor:
+        """The mask that conditions the encoder: non-ROI pixels take the value Q."""
+        if mask is None:
+            mask = torch.ones_like(x[:, :1])
+        if mask.shape[-2:] != x.shape[-2:] or mask.shape[1] != 1:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match image {tuple(x.shape)}")
+        return assign_nonroi_value(mask.clamp(0, 1), roi_quality)
+
+    def _encode_latent(self, x: torch.Tensor, mask: torch.Tensor | None, roi_quality: RateLike,
+                       rate: RateLike) -> torch.Tensor:
+        m = self.effective_mask(x, mask, roi_quality)
+        return self.gain(self.analysis(x, m), rate)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                roi_quality: RateLike = 1.0, rate: RateLike = 1.0) -> dict[str, Any]:
+        """CompressAI-style forward: ``x_hat`` and ``likelihoods`` (noise in train mode,
+        rounding around the predicted means in eval mode)."""
+        y = self._encode_latent(x, mask, roi_quality, rate).float()
+        z = self.h_a(y)
+        with torch.autocast(x.device.type, enabled=False):  # entropy models in float32
+            z_hat, z_likelihoods = self.entropy_bottleneck(z.float())
+            y_hat, y_likelihoods = self._latent_forward(y, z_hat)
+        x_hat = self.synthesis(self.gain.inverse(y_hat, rate), z_hat)
+        return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
+
+    @torch.no_grad()
+    def compress(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                 roi_quality: RateLike = 1.0, rate: RateLike = 1.0) -> dict[str, Any]:
+        """Entropy-code x: ``{"strings": [y_strings, z_strings], "shape": z_hw}``.
+
+        x of any size is replicate-padded to the stride; crop the decoded image.
+        """
+        x = pad_to_multiple(x, self.stride)
+        if mask is not None:
+            mask = pad_to_multiple(mask, self.stride)
+        y = self._encode_latent(x, mask, roi_quality, rate)
+        z = self.h_a(y)
+        z_strings = self.entropy_bottleneck.compress(z)
+        z_hat = self.entropy_bottleneck.decompress(z_strings, z.size()[-2:])
+        y_strings = self._latent_compress(y, z_hat)
+        return {"strings": [y_strings, z_strings], "shape": z.size()[-2:]}
+
+    @torch.no_grad()
+    def decompress(self, strings: list[list[bytes]], shape: tuple[int, int] | torch.Size,
+                   rate: RateLike = 1.0) -> dict[str, torch.Tensor]:
+        """Rebuild the (padded) image from the strings; no mask needed."""
+        z_hat = self.entropy_bottleneck.decompress(strings[1], shape)
+        y_hat = self._latent_decompress(strings[0], z_hat)
+        x_hat = self.synthesis(self.gain.inverse(y_hat, rate), z_hat).clamp_(0, 1)
+        return {"x_hat": x_hat}
+
+
+@register_model("tlic")
+class TLIC(ROICodec):
+    """ROI latent scaling with protected channels and gain units.
+
+    The ROI map RM is the mask average-pooled to the latent grid, then box-smoothed.
+    Channels ``K..M`` are scaled by ``(RM + alpha) / (1 + alpha)`` so non-ROI latents
+    shrink and quantise to fewer bits; the first ``K`` channels are protected (kept
+    whole) so the decoder still sees the background's structure.
+    """
+
+    def __init__(self, N: int = 128, M: int = 192, n_rates: int = 4, alpha: float = 0.1,
+                 protected: int | None = None, smooth_kernel: int = 3) -> None:
+        super().__init__(N, M, n_rates)
+        self.alpha = alpha
+        self.protected = M // 4 if protected is None else protected
+        if not 0 <= self.protected <= M:
+            raise ValueError("protected channels must lie in [0, M]")
+        self.smooth_kernel = smooth_kernel
+        self.g_a = _analysis_layers(3, N, M)
+        self.g_s = _synthesis_layers(N, M)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {**super().config, "alpha": self.alpha, "protected": self.protected,
+                "smooth_kernel": self.smooth_kernel}
+
+    def analysis(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        y = self.g_a(x)
+        rm = pool_mask(mask, y.shape[-2:], self.smooth_kernel)
+        scale = (rm + self.alpha) / (1 + self.alpha)
+        k = self.protected
+        return torch.cat([y[:, :k], y[:, k:] * scale], dim=1)
+
+
+@register_model("sft")
+class SFTCodec(ROICodec):
+    """Spatially-adaptive feature transforms in both transforms.
+
+    Encoder: after each of the first three GDN stages, an SFT block whose condition is
+    the mask concatenated with the image, average-pooled to that stage. Decoder: the
+    condition is computed from the decoded hyper-latent z_hat (upsampled to y's grid)
+    and applied after each inverse-GDN stage, so no mask is transmitted.
+    """
+
+    def __init__(self, N: int = 128, M: int = 192, n_rates: int = 4, cond_channels: int = 32) -> None:
+        super().__init__(N, M, n_rates)
+        self.cond_channels = cond_channels
+        c = cond_channels
+        self.enc_convs = nn.ModuleList([conv(3, N), conv(N, N), conv(N, N), conv(N, M)])
+        self.enc_gdns = nn.ModuleList([GDN(N) for _ in range(3)])
+        self.enc_conds = nn.ModuleList([MaskImageCondition(c, 2 ** (k + 1)) for k in range(3)])
+        self.enc_sfts = nn.ModuleList([SFT(N, c) for _ in range(3)])
+        self.hyper_cond = nn.Sequential(deconv(N, c), nn.LeakyReLU(inplace=True),
+                                        deconv(c, c), nn.LeakyReLU(inplace=True))
+        self.dec_convs = nn.ModuleList([deconv(M, N), deconv(N, N), deconv(N, N), deconv(N, 3)])
+        self.dec_gdns = nn.ModuleList([GDN(N, inverse=True) for _ in range(3)])
+        self.dec_sfts = nn.ModuleList([SFT(N, c) for _ in range(3)])
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {**super().config, "cond_channels": self.cond_channels}
+
+    def analysis(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = x
+        for conv_k, gdn, cond, sft in zip(self.enc_convs, self.enc_gdns, self.enc_conds,
+                                          self.enc_sfts):
+            h = sft(gdn(conv_k(h)), cond(x, mask))
+        return self.enc_convs[-1](h)
+
+    def synthesis(self, y_hat: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+        cond = self.hyper_cond(z_hat)
+        h = y_hat
+        for deconv_k, gdn, sft in zip(self.dec_convs, self.dec_gdns, self.dec_sfts):
+            h = sft(gdn(deconv_k(h)), cond)
+        return self.dec_convs[-1](h)
+
+
+@register_model("tma")
+class TMA(ROICodec):
+    """The customizable variant: user-set non-ROI value + latent mask attention.
+
+    The effective mask (non-ROI pixels set to Q) is a fourth input channel of the
+    encoder, and :class:`~pipeline.codec.layers.LatentMaskAttention` fuses its pooled
+    embedding with an importance map predicted from y to rescale y.
+    """
+
+    def __init__(self, N: int = 128, M: int = 192, n_rates: int = 4, attention_hidden: int = 32) -> None:
+        super().__init__(N, M, n_rates)
+        self.attention_hidden = attention_hidden
+        self.g_a = _analysis_layers(4, N, M)
+        self.g_s = _synthesis_layers(N, M)
+        self.attention = LatentMaskAttention(M, attention_hidden)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {**super().config, "attention_hidden": self.attention_hidden}
+
+    def analysis(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.attention(self.g_a(torch.cat([x, mask], dim=1)), mask)

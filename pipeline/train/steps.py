@@ -1,0 +1,71 @@
+"""One optimisation step of a codec variant, shared by every training loop."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.codec.models import ROICodec
+from pipeline.masks.ops import assign_nonroi_value
+from pipeline.train.loss import ROIRateDistortionLoss, rate_lambdas
+
+
+def make_optimizers(model: ROICodec, lr: float = 1e-4, aux_lr: float = 1e-3
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """Adam for the network, Adam for the entropy bottleneck's quantiles (CompressAI's split)."""
+    main = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
+    aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
+    return torch.optim.Adam(main, lr=lr), torch.optim.Adam(aux, lr=aux_lr)
+
+
+@dataclass
+class StepSettings:
+    """What a step samples: a rate point per batch and a non-ROI value per image."""
+
+    n_rates: int
+    lambda_low: float = 0.0035
+    lambda_high: float = 0.0483
+    min_roi_quality: float = 0.0
+    uniform_fraction: float = 0.25  # share of images trained with Q = 1 (ROI off)
+    clip_norm: float = 1.0
+
+
+def sample_knobs(settings: StepSettings, batch: int, rng: random.Random
+                 ) -> tuple[int, torch.Tensor]:
+    """A random rate point for the batch and a random non-ROI value Q for each image."""
+    rate_index = rng.randrange(settings.n_rates)
+    q = [1.0 if rng.random() < settings.uniform_fraction
+         else rng.uniform(settings.min_roi_quality, 1.0) for _ in range(batch)]
+    return rate_index, torch.tensor(q)
+
+
+def train_step(model: ROICodec, x: torch.Tensor, mask: torch.Tensor, loss_fn: ROIRateDistortionLoss,
+               optimizer: torch.optim.Optimizer, aux_optimizer: torch.optim.Optimizer,
+               settings: StepSettings, rng: random.Random, amp: bool = False) -> dict[str, float]:
+    """Sample the knobs, take one RD step and one auxiliary (quantile) step; return metrics.
+
+    ``amp`` runs the transforms in bfloat16 autocast (GPU); the entropy models always
+    run in float32 (see :meth:`ROICodec.forward`), and bf16 needs no loss scaling.
+    """
+    rate_index, q = sample_knobs(settings, x.shape[0], rng)
+    q = q.to(x.device)
+    rate = rate_index / max(settings.n_rates - 1, 1)
+    alpha = rate_lambdas(settings.n_rates, settings.lambda_low, settings.lambda_high)[rate_index]
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, enabled=amp, dtype=torch.bfloat16):
+        out = model(x, mask, q, rate)
+    out["x_hat"] = out["x_hat"].float()
+    losses = loss_fn(out, x, assign_nonroi_value(mask, q), alpha)
+    losses["loss"].backward()
+    if settings.clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
+    optimizer.step()
+    aux_optimizer.zero_grad(set_to_none=True)
+    aux = model.aux_loss()
+    aux.backward()
+    aux_optimizer.step()
+    metrics = {k: float(v.detach()) for k, v in losses.items()}
+    metrics.update(aux_loss=float(aux.detach()), rate_index=float(rate_index))
+    return metrics

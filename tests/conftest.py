@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny codec models (random-init and briefly trained) and sample images."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pipeline.codec.models import ROICodec, build_model
+from pipeline.data.samples import objects_mask, photo_like_image
+from pipeline.train.local import train_local
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY = {"N": 32, "M": 48, "n_rates": 2}
+VARIANTS = ["tlic", "sft", "tma"]
+
+
+def image_and_mask(height: int, width: int, seed: int, n_objects: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A photo-like (1,3,H,W) image in [0,1] and its objects' (1,1,H,W) ROI mask."""
+    arr, objects = photo_like_image(height, width, seed, n_objects)
+    x = torch.from_numpy(arr).permute(2, 0, 1).float()[None] / 255.0
+    m = torch.from_numpy(objects_mask(objects, height, width))[None, None]
+    return x, m
+
+
+@pytest.fixture(scope="session")
+def untrained() -> dict[str, ROICodec]:
+    """Random-init tiny models of every variant, ready to code (tables built)."""
+    torch.manual_seed(0)
+    models = {}
+    for variant in VARIANTS:
+        model = build_model(variant, **TINY).eval()
+        model.update(force=True)
+        models[variant] = model
+    return models
+
+
+_TRAINED: dict[str, ROICodec] = {}
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """``trained(variant)``: a tiny model trained ~1000 steps on sample crops (cached)."""
+    def get(variant: str) -> ROICodec:
+        if variant not in _TRAINED:
+            pairs = [image_and_mask(128, 128, seed) for seed in range(16)]
+            images = torch.cat([p[0] for p in pairs])
+            masks = torch.cat([p[1] for p in pairs])
+            torch.manual_seed(0)
+            model = build_model(variant, **TINY)
+            train_local(model, images, masks, steps=1000, batch=8, crop=64, lr=1e-3)
+            _TRAINED[variant] = model
+        return _TRAINED[variant]
+    return get
