@@ -88,11 +88,19 @@ def _cmd_decompress(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit code 2), like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (also used to render the README's usage)."""
-    parser = argparse.ArgumentParser(prog="roicodec", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    """The full argument parser."""
+    parser = _OneLineErrorParser(prog="roicodec", description=DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_OneLineErrorParser)
 
     p = sub.add_parser("mask", help="compute an ROI mask PNG (white = ROI)",
                        description="Compute an ROI mask from text prompts, saliency or COCO "

@@ -33,6 +33,7 @@ from compressai.models.base import get_scale_table
 from compressai.models.utils import conv, deconv
 from torch import nn
 
+from pipeline.codec.entropy import GeneralizedGaussianConditional
 from pipeline.codec.layers import (SFT, GainUnits, LatentMaskAttention, MaskImageCondition,
                                    RateLike, pool_mask)
 from pipeline.masks.ops import assign_nonroi_value
@@ -291,3 +292,59 @@ class TMA(ROICodec):
 
     def analysis(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.attention(self.g_a(torch.cat([x, mask], dim=1)), mask)
+
+
+@register_model("ggm")
+class GGMCodec(SFTCodec):
+    """``sft`` conditioning with a generalized Gaussian entropy model for y.
+
+    The hyper-decoder predicts mean, scale and shape per element (``beta_mode="element"``),
+    or mean and scale per element with one learned shape per channel
+    (``beta_mode="channel"``). Shapes are bounded to [0.5, 3] by a sigmoid.
+    """
+
+    def __init__(self, N: int = 128, M: int = 192, n_rates: int = 4, cond_channels: int = 32,
+                 beta_mode: str = "element") -> None:
+        if beta_mode not in ("element", "channel"):
+            raise ValueError("beta_mode must be 'element' or 'channel'")
+        self.beta_mode = beta_mode  # read by _entropy_param_channels during super().__init__
+        super().__init__(N, M, n_rates, cond_channels)
+        del self.gaussian_conditional
+        self.gg_conditional = GeneralizedGaussianConditional()
+        if beta_mode == "channel":
+            self.beta_logits = nn.Parameter(torch.zeros(1, M, 1, 1))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {**super().config, "beta_mode": self.beta_mode}
+
+    def _entropy_param_channels(self) -> int:
+        return (3 if self.beta_mode == "element" else 2) * self.M
+
+    def _gg_params(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        params = self.h_s(z_hat)
+        if self.beta_mode == "element":
+            scales, means, raw = params.chunk(3, 1)
+        else:
+            (scales, means), raw = params.chunk(2, 1), self.beta_logits.expand_as(params[:, :self.M])
+        return scales, means, self.gg_conditional.bound_beta(raw)
+
+    def _latent_forward(self, y: torch.Tensor, z_hat: torch.Tensor):
+        scales, means, betas = self._gg_params(z_hat)
+        return self.gg_conditional(y, scales, betas, means=means)
+
+    def _latent_compress(self, y: torch.Tensor, z_hat: torch.Tensor) -> list[bytes]:
+        scales, means, betas = self._gg_params(z_hat)
+        indexes = self.gg_conditional.build_indexes(scales, betas)
+        return self.gg_conditional.compress(y, indexes, means=means)
+
+    def _latent_decompress(self, strings: list[bytes], z_hat: torch.Tensor) -> torch.Tensor:
+        scales, means, betas = self._gg_params(z_hat)
+        indexes = self.gg_conditional.build_indexes(scales, betas)
+        return self.gg_conditional.decompress(strings, indexes, z_hat.dtype, means=means)
+
+    def update(self, scale_table: torch.Tensor | None = None, force: bool = False,
+               update_quantiles: bool = False) -> bool:
+        """Build the hyper-latent's and the generalized Gaussian's CDF tables."""
+        updated = super().update(scale_table, force=force, update_quantiles=update_quantiles)
+        return self.gg_conditional.update(force=force) or updated

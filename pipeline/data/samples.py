@@ -63,7 +63,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     mid = _smooth_field(rng, h, w, 12)[..., None]
     ramp = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None, None]
     img = base + tint * low + 35.0 * (mid - 0.5) + 30.0 * (ramp - 0.5)
-    img += rng.normal(0.0, 4.0, size=(h, w, 3))  # sensor-like grain
+    img += rng.normal(0.0, 2.5, size=(h, w, 3))  # sensor-like grain
     return img
 
 
@@ -92,6 +92,10 @@ def _object_shapes(category: str, cx: float, cy: float, s: float) -> list[tuple[
     return [(body, 0), (head, 1)]
 
 
+def _cross(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a[0] * b[1] - a[1] * b[0])
+
+
 def _outline(shapes: list[tuple[list[float], int]]) -> list[float]:
     """The convex hull of all shape points: one polygon for the COCO annotation."""
     pts = np.array([p for poly, _ in shapes for p in zip(poly[0::2], poly[1::2])])
@@ -101,7 +105,7 @@ def _outline(shapes: list[tuple[list[float], int]]) -> list[float]:
     def half(points: np.ndarray) -> list[np.ndarray]:
         hull: list[np.ndarray] = []
         for p in points:
-            while len(hull) >= 2 and np.cross(hull[-1] - hull[-2], p - hull[-2]) <= 0:
+            while len(hull) >= 2 and _cross(hull[-1] - hull[-2], p - hull[-2]) <= 0:
                 hull.pop()
             hull.append(p)
         return hull
@@ -131,7 +135,7 @@ def photo_like_image(height: int, width: int, seed: int,
             draw.polygon(poly, fill=tuple(int(c) for c in colour))
         objects.append(SampleObject(category, _outline(shapes)))
     img = img.filter(ImageFilter.GaussianBlur(0.6))  # soften edges like optics do
-    arr = np.asarray(img, dtype=np.float32) + rng.normal(0.0, 2.0, size=(height, width, 3))
+    arr = np.asarray(img, dtype=np.float32) + rng.normal(0.0, 1.0, size=(height, width, 3))
     return np.clip(arr, 0, 255).astype(np.uint8), objects
 
 

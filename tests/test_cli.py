@@ -1,0 +1,101 @@
+"""The `roicodec` command as a user runs it: real processes, real files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.codec.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.codec.coding import decode, image_to_tensor
+from pipeline.codec.models import build_model
+
+from conftest import TINY, image_and_mask
+
+
+def roicodec(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, untrained) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    x, m = image_and_mask(45, 67, seed=11)
+    image = root / "photo.png"
+    Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(image)
+    mask = root / "mask.png"
+    Image.fromarray((m[0, 0].numpy() * 255).astype(np.uint8)).save(mask)
+    ckpt = save_checkpoint(untrained["tma"], root / "tma.pt")
+    torch.manual_seed(99)
+    other = save_checkpoint(build_model("tma", **TINY), root / "other.pt")
+    text = root / "notes.txt"
+    text.write_text("not an image")
+    return {"root": root, "image": image, "mask": mask, "ckpt": ckpt, "other": other, "text": text}
+
+
+def test_help_explains_every_knob():
+    top = roicodec("--help")
+    assert top.returncode == 0 and "compress" in top.stdout and "decompress" in top.stdout
+    help_text = roicodec("compress", "--help").stdout
+    for knob in ("--roi-quality", "--rate", "--target-bpp", "--mask", "--prompt", "--saliency",
+                 "--checkpoint", "uniform quality"):
+        assert knob in help_text
+
+
+def test_compress_decompress_round_trip(files):
+    root = files["root"]
+    roic, png = root / "photo.roic", root / "decoded.png"
+    proc = roicodec("compress", files["image"], "--checkpoint", files["ckpt"], "--mask",
+                    files["mask"], "--roi-quality", "0.2", "--rate", "0.6", "-o", roic)
+    assert proc.returncode == 0, proc.stderr
+    assert "bpp" in proc.stdout
+    proc = roicodec("decompress", roic, "--checkpoint", files["ckpt"], "-o", png)
+    assert proc.returncode == 0, proc.stderr
+    decoded = image_to_tensor(Image.open(png))
+    assert decoded.shape[-2:] == (45, 67)
+    expected = decode(load_checkpoint(files["ckpt"]), roic.read_bytes())
+    assert (decoded - expected).abs().max() <= 1 / 255 + 1e-6  # 8-bit PNG rounding only
+
+
+def test_target_bpp_stays_under_budget(files):
+    roic = files["root"] / "budget.roic"
+    proc = roicodec("compress", files["image"], "--checkpoint", files["ckpt"], "--target-bpp", "2.0",
+                    "-o", roic)
+    assert proc.returncode == 0, proc.stderr
+    assert 8 * roic.stat().st_size / (45 * 67) <= 2.0
+
+
+def test_bad_inputs_get_one_line_errors(files):
+    root, ckpt = files["root"], files["ckpt"]
+    assert_one_line_error(roicodec("compress", files["text"], "--checkpoint", ckpt, "-o", root / "a.roic"),
+                          "not a readable image")
+    assert_one_line_error(roicodec("compress", files["image"], "--checkpoint", root / "missing.pt",
+                                   "-o", root / "a.roic"), "checkpoint not found")
+    assert_one_line_error(roicodec("compress", files["image"], "--checkpoint", files["text"],
+                                   "-o", root / "a.roic"), "not a readable checkpoint")
+    assert_one_line_error(roicodec("compress", files["image"], "--checkpoint", ckpt,
+                                   "--roi-quality", "1.5", "-o", root / "a.roic"), "outside [0, 1]")
+    good = root / "good.roic"
+    assert roicodec("compress", files["image"], "--checkpoint", ckpt, "-o", good).returncode == 0
+    truncated = root / "truncated.roic"
+    truncated.write_bytes(good.read_bytes()[:-7])
+    assert_one_line_error(roicodec("decompress", truncated, "--checkpoint", ckpt, "-o", root / "t.png"),
+                          "corrupted or truncated")
+    assert_one_line_error(roicodec("decompress", good, "--checkpoint", files["other"], "-o",
+                                   root / "o.png"), "different checkpoint")
+    assert_one_line_error(roicodec("decompress", files["image"], "--checkpoint", ckpt, "-o",
+                                   root / "p.png"), "not a .roic file")
