@@ -12,6 +12,14 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup demo test bench clean
 
+# Debian's chromium drives the web-page test (Playwright is only the client; never
+# `playwright install`, which downloads browsers from outside the package registries).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel
@@ -24,7 +32,7 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python jobs/demo.py
 
-test: setup
+test: setup $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 bench: setup

@@ -1,4 +1,7 @@
-"""The one-command demo on the bundled sample set (see ``pipeline.demo``)."""
+"""The main job on the bundled sample set: Ray Data masks -> Ray Train -> evaluation -> MLflow champion.
+
+See ``pipeline.demo`` for the stages. Outputs go under ``--out`` (default demo_out).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +11,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
+from pipeline.codec.models import MODELS  # noqa: E402
 from pipeline.demo import run_demo  # noqa: E402
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
-    parser.add_argument("--variant", default="tma", help="codec variant (default tma)")
-    parser.add_argument("--retrain", action="store_true", help="train even if a checkpoint exists")
-    args = parser.parse_args()
-    run_demo(args.out, steps=args.steps, variant=args.variant, retrain=args.retrain)
+    parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500, ~10 min on 2 cores)")
+    parser.add_argument("--variant", default="tma", choices=sorted(MODELS), help="codec variant (default tma)")
+    parser.add_argument("--roi-quality", type=float, default=0.1,
+                        help="non-ROI value for the evaluation, in [0,1] (default 0.1)")
+    args = parser.parse_args(argv)
+    try:
+        run_demo(args.out, steps=args.steps, variant=args.variant, roi_quality=args.roi_quality)
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"demo: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 1
     return 0
 
 

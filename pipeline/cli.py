@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from pipeline.eval.cli import (EVALUATE_DESCRIPTION, EVALUATE_EPILOG, EVALUATE_HELP, add_evaluate_arguments,
+                               run_evaluate_command)
 from pipeline.masks.cli import add_mask_source_arguments, mask_from_args, run_mask_command
 
 DESCRIPTION = """\
@@ -135,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="the checkpoint the file was made with")
     p.add_argument("-o", "--output", required=True, help="output image (PNG)")
     p.set_defaults(func=_cmd_decompress)
+
+    p = sub.add_parser("evaluate", help=EVALUATE_HELP, description=EVALUATE_DESCRIPTION,
+                       epilog=EVALUATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_evaluate_arguments(p)
+    p.set_defaults(func=run_evaluate_command)
     return parser
 
 

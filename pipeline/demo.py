@@ -1,105 +1,188 @@
-"""The laptop demo on the bundled sample set: train a small ROI codec, then code real files.
+"""The main job on the bundled sample set: masks, training, evaluation, champion, in one go.
 
-Stages (each with progress): write the deterministic sample set with its COCO
-annotations, build ROI masks from the annotations, train a small ``tma`` model on
-CPU, then compress every held-out image to a ``.roic`` file at two ROI settings,
-decode it without the mask and report bpp (from the file size), PSNR, ROI PSNR and
-non-ROI PSNR. Safe to run twice: outputs are overwritten, a finished checkpoint is
-reused unless ``--retrain``.
+Stages, each with progress:
+
+1. write the deterministic sample set (photo-like images with objects, COCO-format
+   annotations, prompts): a training set and a held-out evaluation set;
+2. start a local Ray and precompute ROI masks (from the COCO annotations) and
+   saliency maps into Parquet shards with Ray Data (:func:`pipeline.data.preprocess.preprocess`);
+3. train a small codec with Ray Train on CPU (:func:`pipeline.train.trainer.train`),
+   tracked in a local MLflow store, the model registered there;
+4. evaluate it on the held-out images through real ``.roic`` files against JPEG, WebP
+   and JPEG 2000 (RD sweep, BD-rate, plots) and set the MLflow ``champion`` alias
+   (:func:`pipeline.eval.rd.select_champion`);
+5. compare with JPEG at the same bpp, image by image, at each rate, and print a summary.
+
+Safe to run twice: the sample set is rewritten byte for byte, the preprocessing skips
+images it already has, training resumes the same run (and does nothing when it has
+reached ``steps``), evaluation outputs are overwritten.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
-from tqdm import tqdm
 
-from pipeline.codec.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.codec.coding import (bits_per_pixel, decode, encode, image_to_tensor, mask_to_tensor,
-                                   tensor_to_image)
-from pipeline.codec.models import build_model
-from pipeline.data.samples import write_sample_set
-from pipeline.eval.metrics import psnr, roi_psnr
-from pipeline.masks.coco import coco_masks_for_image
-from pipeline.train.local import train_local
+DEFAULT_MODEL = {"N": 64, "M": 96, "n_rates": 3}
+DEMO_RATES = (0.0, 0.25, 0.5, 0.75, 1.0)
+EXPERIMENT = "roicodec-demo"
 
 
 @dataclass
-class DemoResult:
-    """One coded file of the demo."""
+class DemoPaths:
+    """Where the demo writes; everything lives under one folder."""
 
-    image: str
-    roi_quality: float
-    rate: float
-    bpp: float
-    psnr: float
-    roi_psnr: float
-    nonroi_psnr: float
+    root: Path
 
+    @property
+    def train_set(self) -> Path:
+        return self.root / "data" / "train"
 
-def _load_set(files: list[Path], annotations: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ms = [], []
-    for path in files:
-        image = Image.open(path)
-        mask = coco_masks_for_image(annotations, path.name)
-        xs.append(image_to_tensor(image))
-        ms.append(mask_to_tensor(mask, (image.height, image.width)))
-    return torch.cat(xs), torch.cat(ms)
+    @property
+    def eval_set(self) -> Path:
+        return self.root / "data" / "eval"
 
+    @property
+    def eval_masks(self) -> Path:
+        return self.root / "data" / "eval" / "masks"
 
-def run_demo(out_dir: str | Path = "demo_out", steps: int = 1500, n_train: int = 24,
-             n_eval: int = 4, variant: str = "tma", retrain: bool = False,
-             settings: tuple[tuple[float, float], ...] = ((1.0, 0.3), (0.1, 0.3), (0.1, 1.0)),
-             ) -> list[DemoResult]:
-    """Run the demo end to end; write checkpoint, files and ``report.json`` under ``out_dir``."""
-    out = Path(out_dir)
-    print(f"[1/4] sample set -> {out / 'data'}")
-    samples = write_sample_set(out / "data", n_images=n_train + n_eval, size=(192, 192))
-    train_files, eval_files = samples.image_files[:n_train], samples.image_files[n_train:]
-    print("[2/4] ROI masks from the COCO annotations")
-    images, masks = _load_set(train_files, samples.annotations)
-    checkpoint = out / "checkpoints" / f"{variant}.pt"
-    if checkpoint.is_file() and not retrain:
-        print(f"[3/4] reusing {checkpoint} (pass --retrain to train again)")
-        model = load_checkpoint(checkpoint)
-    else:
-        print(f"[3/4] training a small {variant} model for {steps} steps on CPU")
-        torch.manual_seed(0)
-        model = build_model(variant, N=64, M=96, n_rates=3)
-        train_local(model, images, masks, steps=steps, batch=8, crop=128, lr=1e-3, progress=True)
-        save_checkpoint(model, checkpoint, extra={"steps": steps, "source": "demo"})
-    print("[4/4] coding the held-out images through real .roic files")
-    files_dir = out / "files"
-    files_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for path in tqdm(eval_files, desc="evaluate"):
-        x, m = _load_set([path], samples.annotations)
-        for q, rate in settings:
-            data = encode(model, x, m, q, rate)
-            stem = f"{path.stem}_q{q:g}_r{rate:g}"
-            (files_dir / f"{stem}.roic").write_bytes(data)
-            x_hat = decode(model, data)
-            tensor_to_image(x_hat).save(files_dir / f"{stem}.png")
-            roi, nonroi = roi_psnr(x, x_hat, m)
-            results.append(DemoResult(path.name, q, rate, bits_per_pixel(data, x.shape[-1], x.shape[-2]),
-                                      psnr(x, x_hat), roi, nonroi))
-    (out / "report.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
-    _print_summary(results, checkpoint, out)
-    return results
+    @property
+    def shards(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"sqlite:///{(self.root / 'mlflow.db').resolve()}"
 
 
-def _print_summary(results: list[DemoResult], checkpoint: Path, out: Path) -> None:
-    print(f"\ncheckpoint: {checkpoint}\nfiles:      {out / 'files'}\nreport:     {out / 'report.json'}")
-    print(f"\n{'roi-quality':>11} {'rate':>5} {'bpp':>7} {'PSNR':>6} {'ROI PSNR':>9} {'non-ROI':>8}")
-    keys = sorted({(r.roi_quality, r.rate) for r in results}, key=lambda k: (k[1], -k[0]))
-    for q, rate in keys:
-        rows = [r for r in results if (r.roi_quality, r.rate) == (q, rate)]
-        mean = {f: float(np.mean([getattr(r, f) for r in rows]))
-                for f in ("bpp", "psnr", "roi_psnr", "nonroi_psnr")}
-        print(f"{q:>11.2f} {rate:>5.2f} {mean['bpp']:>7.3f} {mean['psnr']:>6.2f} "
-              f"{mean['roi_psnr']:>9.2f} {mean['nonroi_psnr']:>8.2f}")
+def _stage(i: int, text: str) -> None:
+    print(f"\n[{i}/5] {text}", flush=True)
+
+
+def write_eval_masks(annotations: Path, images: Sequence[Path], out_dir: Path) -> None:
+    """The ground-truth ROI mask of every evaluation image as ``<stem>.png`` (white = ROI)."""
+    from pipeline.masks.coco import load_coco
+
+    coco = load_coco(annotations)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in images:
+        mask = coco.mask(coco.image_id(path.name))
+        Image.fromarray((mask * 255).astype(np.uint8)).save(out_dir / f"{path.stem}.png")
+
+
+def jpeg_at_matched_bpp(checkpoint: Path, images: Sequence[Path], masks_dir: Path, roi_quality: float,
+                        rates: Sequence[float]) -> list[dict[str, float]]:
+    """For each rate: mean bpp and ROI PSNR of the codec's real files and of JPEG at each file's bpp."""
+    from pipeline.eval.baselines import jpeg_at_bpp
+    from pipeline.eval.evaluate import learned_point, load_model, load_pair, quality
+
+    model, _ = load_model(checkpoint)
+    pairs = [load_pair(p, masks_dir) for p in images]
+    rows = []
+    for rate in rates:
+        ours, jpeg = [], []
+        for image, x, mask, _ in pairs:
+            point = learned_point(model, x, mask, roi_quality, rate)
+            ref = jpeg_at_bpp(image, point["bpp"])
+            ours.append((point["bpp"], point["roi_psnr"], point["psnr"]))
+            jpeg.append((ref.bpp, quality(x, ref.x_hat, mask)["roi_psnr"], quality(x, ref.x_hat, mask)["psnr"]))
+        o, j = np.mean(ours, axis=0), np.mean(jpeg, axis=0)
+        rows.append({"rate": float(rate), "bpp": float(o[0]), "roi_psnr": float(o[1]), "psnr": float(o[2]),
+                     "jpeg_bpp": float(j[0]), "jpeg_roi_psnr": float(j[1]), "jpeg_psnr": float(j[2])})
+    return rows
+
+
+def run_demo(out_dir: str | Path = "demo_out", steps: int = 1500, variant: str = "tma",
+             n_train: int = 24, n_eval: int = 4, size: int = 192, roi_quality: float = 0.1,
+             model: dict[str, Any] | None = None, lr: float = 1e-3) -> dict[str, Any]:
+    """Run the whole pipeline on the bundled samples; return (and write) the summary."""
+    import ray
+
+    from pipeline.data.preprocess import preprocess
+    from pipeline.data.samples import write_sample_set
+    from pipeline.eval.evaluate import EvaluationError
+    from pipeline.eval.rd import DEFAULT_CRITERION, select_champion
+    from pipeline.train.trainer import MODEL_FILE, TrainConfig, ensure_ray, train
+
+    paths = DemoPaths(Path(out_dir).resolve())
+    _stage(1, f"bundled sample set -> {paths.root / 'data'}")
+    train_set = write_sample_set(paths.train_set, n_images=n_train, size=(size, size), seed=0)
+    eval_set = write_sample_set(paths.eval_set, n_images=n_eval, size=(size, size), seed=1)
+    write_eval_masks(eval_set.annotations, eval_set.image_files, paths.eval_masks)
+    print(f"  {n_train} training images, {n_eval} evaluation images with COCO annotations "
+          f"(categories: {', '.join(train_set.prompts.read_text().split(chr(10))[:-1])})")
+
+    started = ensure_ray()
+    try:
+        _stage(2, f"ROI masks + saliency with Ray Data -> {paths.shards}")
+        prep = preprocess(paths.train_set, paths.shards, roi_source="coco", rows_per_shard=8)
+        print(f"  rows written {prep['rows_written']}, already there {prep['skipped_keys']}, "
+              f"errors {prep['error_rows']}")
+
+        _stage(3, f"training a small {variant} codec with Ray Train ({steps} steps, CPU)")
+        outcome = train(TrainConfig(
+            shards=str(paths.shards), variant=variant, model=dict(model or DEFAULT_MODEL), steps=steps,
+            batch_size=8, crop=128, val_crop=128, lr=lr, aux_lr=1e-2, checkpoint_every=max(steps // 3, 1),
+            report_every=max(steps // 50, 1), keep=2, num_workers=1, cpus_per_worker=1.0,
+            torch_threads=os.cpu_count(), run_name=f"demo-{variant}", storage_path=str(paths.runs),
+            mlflow_uri=paths.mlflow_uri, experiment=EXPERIMENT))
+        if outcome.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        checkpoint = Path(outcome.checkpoint) / MODEL_FILE
+    finally:
+        if started:
+            ray.shutdown()
+
+    _stage(4, "RD sweep against JPEG / WebP / JPEG 2000 on the held-out images; MLflow champion")
+    try:
+        champion = select_champion([checkpoint], paths.eval_set / "images", paths.eval_masks,
+                                   tracking_uri=paths.mlflow_uri, registered_model=f"roicodec-{variant}",
+                                   out_dir=paths.report, roi_quality=roi_quality, rates=DEMO_RATES)
+    except EvaluationError as exc:  # e.g. no overlap with JPEG's curve after very short training
+        print(f"  no champion by BD-rate: {exc}; the champion stays the one training chose (val_loss)")
+        champion = {"alias": None, "criterion": DEFAULT_CRITERION, "best": {"value": float("nan")}}
+
+    _stage(5, f"the codec against JPEG at the same bpp (roi-quality {roi_quality})")
+    matched = jpeg_at_matched_bpp(checkpoint, eval_set.image_files, paths.eval_masks, roi_quality, DEMO_RATES)
+    summary = {"checkpoint": str(checkpoint), "mlflow_uri": paths.mlflow_uri, "mlflow_run_id": outcome.mlflow_run_id,
+               "champion": champion["alias"], "report": champion["best"].get("files"), "train": outcome.summary(),
+               "preprocess": {k: prep[k] for k in ("rows_written", "error_rows", "skipped_keys")},
+               "bd": {k: champion["best"]["value"] for k in [champion["criterion"]]}, "vs_jpeg": matched}
+    (paths.root / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print_summary(summary, paths)
+    return summary
+
+
+def print_summary(summary: dict[str, Any], paths: DemoPaths) -> None:
+    """The short human summary: where things are, and the codec against JPEG."""
+    report = summary["report"] or {"json": None, "plots": []}
+    alias = summary["champion"]
+    print(f"\ncheckpoint:  {summary['checkpoint']}")
+    print(f"report:      {report.get('json')}")
+    print(f"plots:       {', '.join(report.get('plots', []))}")
+    print(f"MLflow:      {summary['mlflow_uri']} (run {summary['mlflow_run_id']})")
+    if alias:
+        print(f"champion:    models:/{alias['registered_model']}/{alias['version']} "
+              f"(alias @{alias['alias']})")
+    for key, value in summary["bd"].items():
+        print(f"{key}: {value:+.1f}%" if math.isfinite(value) else f"{key}: n/a (curves do not overlap)")
+    print(f"\n{'rate':>5} {'bpp':>6} {'ROI PSNR':>9} {'JPEG bpp':>9} {'JPEG ROI':>9} {'gain':>6}")
+    for r in summary["vs_jpeg"]:
+        print(f"{r['rate']:>5.2f} {r['bpp']:>6.3f} {r['roi_psnr']:>9.2f} {r['jpeg_bpp']:>9.3f} "
+              f"{r['jpeg_roi_psnr']:>9.2f} {r['roi_psnr'] - r['jpeg_roi_psnr']:>+6.2f}")
+    print(f"\nsummary:     {paths.root / 'summary.json'}")

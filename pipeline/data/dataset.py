@@ -1,0 +1,374 @@
+"""Training crops from the Parquet mask shards, with Ray Data.
+
+The shards (see :mod:`pipeline.data.shards`) hold one row per (image, prompt). This
+module turns them into Ray Datasets of fixed-size crops for Ray Train:
+
+- **rows**: rows with ``error`` set are dropped, and so are rows with no mask at all.
+  Every remaining row is one training sample: the same image appears once per prompt,
+  each time with that prompt's mask, so the codec sees several ROIs per image.
+- **mask**: the row's ``roi_mask`` PNG; where it is null, the ``saliency`` PNG. With
+  ``saliency_weight`` w > 0 and both present, the mask is the union
+  ``max(roi, w * saliency)`` (:func:`pipeline.masks.ops.combine`, mode ``max``), so
+  salient background keeps a share of the bits. A mask whose size differs from the
+  decoded image is resized bilinearly to it.
+- **size**: an image smaller than the crop on either side is upscaled (bicubic; its
+  mask bilinearly) until both sides reach the crop, keeping its aspect ratio. No
+  padding, so a crop never contains made-up borders.
+- **train crops**: ``crops_per_image`` uniformly random windows per row (the same
+  window for image and mask) with a random horizontal flip, drawn afresh every epoch
+  (each epoch re-runs the map, so crops differ between epochs). A map task decodes
+  its rows once and yields their crops in shuffled rounds (bounded memory), and the
+  training loop adds a local shuffle buffer, so a batch mixes images. ``None`` (auto) draws enough crops per row for one epoch to cover
+  the whole run (``steps x global batch`` crops), capped at ``MAX_AUTO_CROPS`` per
+  row: 1 on a real data set, more on a tiny one. Why: every epoch starts a new Ray
+  Data streaming execution, which costs seconds (tens of seconds on a loaded
+  machine); on a data set of a few images that would otherwise happen every few
+  steps and dominate the run.
+- **validation crops**: one deterministic centre crop of ``val_crop`` per row, for the
+  first ``max_val_samples`` held-out rows, read once on the driver (a few images; a
+  Ray Data execution would cost more than reading them) and shipped to the rank-0
+  worker through the object store.
+- **split**: by image id, never by row, so all prompts of an image land on the same
+  side: an image is held out when ``sha1(image_id)`` mapped to [0, 1) is below
+  ``val_fraction``. If that picks no image while there are at least two, the image
+  with the smallest hash is held out, so small sets still get a validation split.
+  The rule depends only on the ids, so every run over the same shards agrees.
+
+Batches are dicts of numpy arrays, ready for ``iter_torch_batches``: ``image`` uint8
+(B,3,H,W) and ``mask`` uint8 (B,1,H,W) (divide by 255 on the training device; uint8
+keeps the object store and the transfer four times smaller than float32).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image
+
+from pipeline.data.shards import read_shards, shard_files
+from pipeline.masks.ops import combine, from_png, resize, to_rgb_array
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["image_id", "uri", "width", "height", "roi_mask", "saliency", "error"]
+
+
+class DatasetError(ValueError):
+    """Unusable training data (no shards, no usable rows, bad crop settings); one line."""
+
+
+# -- splitting ----------------------------------------------------------------------------------
+
+def split_key(image_id: str) -> float:
+    """A stable number in [0, 1) for an image id (sha1-based, the same on every machine)."""
+    return int.from_bytes(hashlib.sha1(image_id.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+
+
+def validation_ids(image_ids: Iterable[str], val_fraction: float) -> frozenset[str]:
+    """The held-out image ids among ``image_ids`` (see the module docstring for the rule)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DatasetError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    ids = sorted(set(image_ids))
+    if val_fraction == 0.0:
+        return frozenset()
+    keys = {i: split_key(i) for i in ids}
+    held = {i for i in ids if keys[i] < val_fraction}
+    if not held and len(ids) >= 2:
+        held = {min(ids, key=lambda i: (keys[i], i))}
+    return frozenset(held)
+
+
+# -- files --------------------------------------------------------------------------------------
+
+def resolve_shards(shards: str | Path | Sequence[str | Path]) -> list[str]:
+    """Absolute paths of the committed shard files under a folder, a file, or a list of either."""
+    items = [shards] if isinstance(shards, (str, Path)) else list(shards)
+    files: list[str] = []
+    for item in items:
+        p = Path(item).expanduser()
+        if p.is_file():
+            files.append(str(p.resolve()))
+        elif p.is_dir():
+            files += [str(f.resolve()) for f in shard_files(p)]
+        else:
+            raise DatasetError(f"shards not found: {p}")
+    if not files:
+        raise DatasetError(f"no .parquet shards under {', '.join(str(i) for i in items)}")
+    return files
+
+
+def usable_rows(files: Sequence[str]) -> dict[str, int]:
+    """Usable rows (no error, some mask) per image id."""
+    counts: dict[str, int] = {}
+    for f in files:
+        t = read_shards(f, columns=["image_id", "roi_mask", "saliency", "error"])
+        for image_id in t.filter(_usable(t)).column("image_id").to_pylist():
+            counts[image_id] = counts.get(image_id, 0) + 1
+    return counts
+
+
+def _usable(t: pa.Table) -> pa.Array:
+    has_mask = pc.or_(pc.is_valid(t.column("roi_mask")), pc.is_valid(t.column("saliency")))
+    return pc.and_(pc.is_null(t.column("error")), has_mask)
+
+
+def read_image(uri: str) -> np.ndarray:
+    """An image as uint8 HxWx3 RGB from a local path or a pyarrow-readable URI (s3://, gs://...)."""
+    if "://" in uri and not uri.startswith("file://"):
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(uri)
+        with fs.open_input_file(path) as f:
+            data = f.read()
+    else:
+        data = Path(uri.removeprefix("file://")).read_bytes()
+    with Image.open(io.BytesIO(data)) as img:
+        return to_rgb_array(img)
+
+
+# -- one row -> crops ---------------------------------------------------------------------------
+
+def row_mask(roi_png: bytes | None, saliency_png: bytes | None, size: tuple[int, int],
+             saliency_weight: float = 0.0) -> np.ndarray | None:
+    """The training mask of a row (float32 HxW at ``size`` = (h, w)), or None when it has none."""
+    roi = None if roi_png is None else from_png(roi_png)
+    sal = None if saliency_png is None else from_png(saliency_png)
+    if roi is not None and sal is not None and saliency_weight > 0:
+        sal = resize(sal, roi.shape)
+        mask = combine([roi, sal], [1.0, saliency_weight], mode="max")
+    else:
+        mask = roi if roi is not None else sal
+    if mask is None:
+        return None
+    return resize(mask, size) if mask.shape != tuple(size) else mask
+
+
+def fit_to_crop(image: np.ndarray, mask: np.ndarray, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Upscale (aspect kept) an image and its mask until both sides are at least ``crop``."""
+    h, w = image.shape[:2]
+    if h >= crop and w >= crop:
+        return image, mask
+    scale = crop / min(h, w)
+    nh, nw = max(crop, round(h * scale)), max(crop, round(w * scale))
+    image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BICUBIC))
+    return image, resize(mask, (nh, nw))
+
+
+def _to_chw(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    m8 = np.round(np.clip(mask, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.ascontiguousarray(image.transpose(2, 0, 1)), m8[None]
+
+
+def random_crops(image: np.ndarray, mask: np.ndarray, crop: int, n: int, rng: np.random.Generator,
+                 flip: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n`` random (image CHW uint8, mask 1HW uint8) crops; the same window for both."""
+    image, mask = fit_to_crop(image, mask, crop)
+    h, w = image.shape[:2]
+    out = []
+    for _ in range(n):
+        top, left = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+        x = image[top:top + crop, left:left + crop]
+        m = mask[top:top + crop, left:left + crop]
+        if flip and rng.random() < 0.5:
+            x, m = x[:, ::-1], m[:, ::-1]
+        out.append(_to_chw(x, m))
+    return out
+
+
+def center_crop(image: np.ndarray, mask: np.ndarray, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """The centre ``crop`` window (after :func:`fit_to_crop`) as CHW uint8 arrays."""
+    image, mask = fit_to_crop(image, mask, crop)
+    h, w = image.shape[:2]
+    top, left = (h - crop) // 2, (w - crop) // 2
+    return _to_chw(image[top:top + crop, left:left + crop], mask[top:top + crop, left:left + crop])
+
+
+def decoded_rows(batch: pa.Table, *, split: str, val_ids: frozenset[str] | Sequence[str], crop: int,
+                 saliency_weight: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The usable rows of ``split`` in a shard batch as (RGB uint8 HxWx3, mask float HxW) pairs,
+    already upscaled to at least ``crop``. Rows whose image cannot be read are logged and
+    skipped (a file deleted after preprocessing must not kill a training run)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    held = frozenset(val_ids)
+    out = []
+    for row in batch.filter(_usable(batch)).to_pylist():
+        if (row["image_id"] in held) != (split == "val"):
+            continue
+        try:
+            rgb = read_image(row["uri"])
+            mask = row_mask(row["roi_mask"], row["saliency"], rgb.shape[:2], saliency_weight)
+        except Exception as exc:  # noqa: BLE001 - unreadable files are skipped, never fatal
+            log.warning("skipping %s: %s", row["uri"], exc)
+            continue
+        if mask is not None:
+            out.append(fit_to_crop(rgb, mask, crop))
+    return out
+
+
+def _stack(pairs: list[tuple[np.ndarray, np.ndarray]], crop: int) -> dict[str, np.ndarray]:
+    if not pairs:
+        return {"image": np.zeros((0, 3, crop, crop), np.uint8), "mask": np.zeros((0, 1, crop, crop), np.uint8)}
+    return {"image": np.stack([p[0] for p in pairs]), "mask": np.stack([p[1] for p in pairs])}
+
+
+def rows_to_crops(batch: pa.Table, *, split: str, val_ids: frozenset[str] | Sequence[str], crop: int,
+                  crops_per_image: int = 1, saliency_weight: float = 0.0,
+                  seed: int | None = None) -> dict[str, np.ndarray]:
+    """Shard rows -> ``{"image", "mask"}`` crop arrays for ``split``, in row order.
+
+    ``split="train"`` keeps the rows whose image is not held out and draws
+    ``crops_per_image`` random crops each (``seed=None``: fresh randomness every call);
+    ``"val"`` keeps the held-out rows and takes one centre crop each.
+    """
+    rng = np.random.default_rng(seed)
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    for rgb, mask in decoded_rows(batch, split=split, val_ids=val_ids, crop=crop, saliency_weight=saliency_weight):
+        pairs += (random_crops(rgb, mask, crop, crops_per_image, rng) if split == "train"
+                  else [center_crop(rgb, mask, crop)])
+    return _stack(pairs, crop)
+
+
+def train_crops_map(batch: pa.Table, *, val_ids: frozenset[str] | Sequence[str], crop: int,
+                    crops_per_image: int = 1, saliency_weight: float = 0.0,
+                    chunk: int = 64) -> Iterable[dict[str, np.ndarray]]:
+    """The Ray Data training map (a generator): each row decoded once, then its
+    ``crops_per_image`` random crops drawn in rounds across all rows of the batch and
+    yielded shuffled, at most about ``chunk`` crops at a time, so memory stays bounded
+    however many crops a row gets and every output block mixes the batch's images."""
+    rows = decoded_rows(batch, split="train", val_ids=val_ids, crop=crop, saliency_weight=saliency_weight)
+    if not rows:
+        yield _stack([], crop)
+        return
+    rng = np.random.default_rng()
+    per_round = max(1, chunk // len(rows))
+    remaining = crops_per_image
+    while remaining > 0:
+        k = min(per_round, remaining)
+        pairs = [c for rgb, mask in rows for c in random_crops(rgb, mask, crop, k, rng)]
+        order = rng.permutation(len(pairs))
+        yield _stack([pairs[i] for i in order], crop)
+        remaining -= k
+
+
+# -- Ray Datasets -------------------------------------------------------------------------------
+
+@dataclass
+class TrainingData:
+    """The two Ray Datasets and what went into them."""
+
+    train: Any  # ray.data.Dataset of random crops
+    val: dict[str, np.ndarray] | None  # centre crops {"image", "mask"}; None when val_fraction is 0
+    files: list[str]
+    train_images: int
+    val_images: int
+    val_ids: frozenset[str]
+    train_rows: int
+    crops_per_image: int
+
+
+def check_crop(crop: int, name: str = "crop", multiple: int = 64) -> int:
+    """A crop side must be a positive multiple of the codec stride (64)."""
+    if crop < multiple or crop % multiple:
+        raise DatasetError(f"{name} must be a positive multiple of {multiple} (the codec stride), got {crop}")
+    return crop
+
+
+MAX_AUTO_CROPS = 4096
+
+
+def auto_crops_per_image(train_rows: int, global_batch: int, steps: int, cap: int = MAX_AUTO_CROPS) -> int:
+    """Crops per row so that one epoch covers ``steps`` global batches (at most ``cap``)."""
+    need = -(-steps * global_batch // max(train_rows, 1))
+    return int(min(max(1, need), cap))
+
+
+@dataclass
+class ShardPlan:
+    """What the driver learns from the shards' light columns before any Ray work."""
+
+    files: list[str]
+    rows: dict[str, int]  # usable rows per image id
+    val_ids: frozenset[str]
+    train_ids: list[str]
+
+    @property
+    def train_rows(self) -> int:
+        return sum(self.rows[i] for i in self.train_ids)
+
+
+def plan_shards(shards: str | Path | Sequence[str | Path], val_fraction: float = 0.1) -> ShardPlan:
+    """Find the shard files, count the usable rows and fix the split (no Ray; fails fast)."""
+    files = resolve_shards(shards)
+    rows = usable_rows(files)
+    if not rows:
+        raise DatasetError(f"the shards hold no usable rows (all have errors or no mask): {files[0]} ...")
+    val_ids = validation_ids(rows, val_fraction)
+    train_ids = [i for i in rows if i not in val_ids]
+    if not train_ids:
+        raise DatasetError(f"no training images left after holding out {len(val_ids)} for validation")
+    return ShardPlan(files, rows, val_ids, train_ids)
+
+
+def training_datasets(shards: str | Path | Sequence[str | Path] | ShardPlan, *, crop: int = 256,
+                      val_crop: int = 256, val_fraction: float = 0.1, crops_per_image: int | None = 1,
+                      saliency_weight: float = 0.0, max_val_samples: int | None = 16, rows_per_task: int = 8,
+                      global_batch: int = 8, steps: int = 1000, quiet: bool = True) -> TrainingData:
+    """A lazy Ray Dataset of training crops, and the validation crops, from the shards.
+
+    The driver reads only the id/mask-presence/error columns (to fix the split and
+    count rows, :func:`plan_shards`; pass its plan to skip that here); the pixels are
+    read and cropped by Ray Data tasks as the training loop consumes them.
+    ``crops_per_image=None`` is the automatic choice (see the module docstring;
+    ``global_batch`` is the batch summed over workers, ``steps`` the run's length). ``max_val_samples`` caps the
+    validation rows (the first ones in shard order). ``quiet`` turns off Ray Data's
+    progress bars for the training dataset.
+    """
+    import ray
+
+    check_crop(crop, "crop")
+    check_crop(val_crop, "val_crop")
+    plan = shards if isinstance(shards, ShardPlan) else plan_shards(shards, val_fraction)
+    train_rows = plan.train_rows
+    if crops_per_image is None:
+        crops_per_image = auto_crops_per_image(train_rows, global_batch, steps)
+    if crops_per_image < 1:
+        raise DatasetError("crops_per_image must be at least 1")
+    source = ray.data.read_parquet(plan.files).select_columns(COLUMNS)
+    train = source.map_batches(train_crops_map, batch_size=rows_per_task, batch_format="pyarrow",
+                               fn_kwargs={"val_ids": plan.val_ids, "saliency_weight": saliency_weight,
+                                          "crop": crop, "crops_per_image": crops_per_image})
+    if quiet:
+        train.context.enable_progress_bars = False
+    val = (validation_crops(plan.files, plan.val_ids, val_crop, saliency_weight, max_val_samples)
+           if plan.val_ids else None)
+    return TrainingData(train, val, plan.files, len(plan.train_ids), len(plan.val_ids), plan.val_ids, train_rows,
+                        crops_per_image)
+
+
+def validation_crops(files: Sequence[str], val_ids: frozenset[str], val_crop: int, saliency_weight: float = 0.0,
+                     max_samples: int | None = 16) -> dict[str, np.ndarray]:
+    """The held-out rows' centre crops, read directly (no Ray Data: they are few and fixed,
+    and one Ray Data execution costs seconds). The first ``max_samples`` rows in shard order."""
+    crops: list[dict[str, np.ndarray]] = []
+    count = 0
+    for f in files:
+        t = read_shards(f, columns=COLUMNS)
+        t = t.filter(pc.is_in(t.column("image_id"), value_set=pa.array(sorted(val_ids), pa.string())))
+        if max_samples:
+            t = t.slice(0, max_samples - count)
+        out = rows_to_crops(t, split="val", val_ids=val_ids, crop=val_crop, saliency_weight=saliency_weight)
+        crops.append(out)
+        count += out["image"].shape[0]
+        if max_samples and count >= max_samples:
+            break
+    return {k: np.concatenate([c[k] for c in crops]) for k in ("image", "mask")}

@@ -1,0 +1,148 @@
+"""The ``roicodec evaluate`` command: arguments and handler.
+
+Errors are :class:`~pipeline.eval.evaluate.EvaluationError` (a ``ValueError``) with a
+one-line message, or the codec's ``CheckpointError`` (also a ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EVALUATE_HELP = "evaluate a checkpoint: bpp, ROI/non-ROI PSNR, MS-SSIM vs JPEG/WebP/JPEG 2000"
+
+EVALUATE_DESCRIPTION = """\
+Evaluate a checkpoint on a folder of images with real bitstreams.
+
+Every image is compressed to a .roic file with its mask and decoded back; bpp is
+the real file size. JPEG, WebP and JPEG 2000 (Pillow) are run at the setting whose
+bpp is nearest to the learned file's, and the same checkpoint with ROI off
+(uniform quality, rate searched for the nearest bpp) is the learned baseline.
+Per image and mean: bpp, psnr, roi_psnr, nonroi_psnr, ms_ssim for every codec.
+
+Masks are MASKS/<image stem>.png (white = ROI). Without --masks the whole image
+is ROI: roi_psnr equals psnr and nonroi_psnr is null. Unreadable images are
+listed under "errors" in the JSON and skipped.
+
+With --sweep: RD curves over --sweep-rates rates for each --sweep-roi-quality
+(and the baselines over their own quality range), BD-rate and BD-PSNR on ROI
+PSNR and PSNR against every baseline, PNG plots and CSV tables."""
+
+EVALUATE_EPILOG = """\
+examples:
+  roicodec evaluate --checkpoint ckpt.pt --images imgs/ --masks masks/ --json eval.json
+  roicodec evaluate --checkpoint ckpt.pt --images imgs/ --masks masks/ --json rd.json \\
+      --sweep --plots rd_plots/
+
+MLflow: when the checkpoint belongs to a run (its metadata has mlflow_run_id, or a
+Ray Train run_name found in the store), the metrics and files are logged to that
+run (store: --mlflow-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{value}: a curve needs at least 2 rates")
+    return value
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
+    """Add the ``roicodec evaluate`` options to ``parser``."""
+    from pipeline.eval.baselines import BASELINES
+    from pipeline.eval.evaluate import DEFAULT_RATE, DEFAULT_ROI_QUALITY
+
+    parser.add_argument("--checkpoint", required=checkpoint_required, metavar="CKPT",
+                        help="model checkpoint (.pt, or a Ray Train checkpoint folder with model.pt)")
+    parser.add_argument("--images", required=True, metavar="DIR", help="folder of images to evaluate")
+    parser.add_argument("--masks", metavar="DIR", default=None,
+                        help="folder of masks DIR/<image stem>.png, white = ROI (default: whole image is ROI)")
+    parser.add_argument("--json", required=True, metavar="OUT.json", help="where to write the results")
+    parser.add_argument("--roi-quality", type=_unit_interval, default=DEFAULT_ROI_QUALITY, metavar="Q",
+                        help="value of non-ROI pixels in [0,1]; 1 = uniform quality (default %(default)s)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--rate", type=_unit_interval, default=DEFAULT_RATE, metavar="R",
+                      help="continuous rate in [0,1] of the single operating point (default %(default)s)")
+    mode.add_argument("--sweep", action="store_true",
+                      help="RD curves over rates and roi-qualities, BD-rate/BD-PSNR, plots and CSV")
+    parser.add_argument("--sweep-rates", type=_count, default=5, metavar="K",
+                        help="with --sweep: K rates evenly spaced on [0,1] (default %(default)s)")
+    parser.add_argument("--sweep-roi-quality", dest="sweep_roi_qualities", type=_unit_interval, nargs="+",
+                        default=None, metavar="Q",
+                        help="with --sweep: roi-qualities to sweep besides --roi-quality (default: 1.0, "
+                             "the uniform learned baseline)")
+    parser.add_argument("--plots", metavar="DIR", default=None,
+                        help="with --sweep: folder for the PNG plots and CSV tables "
+                             "(default: <OUT>_rd/ next to the JSON)")
+    parser.add_argument("--baselines", nargs="+", choices=BASELINES, default=list(BASELINES),
+                        help="classic codecs to compare with (default: all)")
+    parser.add_argument("--mlflow-uri", default=None, metavar="URI",
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def sweep_rates(k: int) -> list[float]:
+    """K rates evenly spaced on [0, 1]."""
+    return [round(i / (k - 1), 6) for i in range(k)]
+
+
+def run_evaluate_command(args: argparse.Namespace) -> int:
+    """Handler of ``roicodec evaluate``; prints a summary and returns 0."""
+    from pipeline.eval.evaluate import EvaluationError, evaluate_checkpoint, summary_lines, to_json
+    from pipeline.eval.rd import log_to_mlflow, rd_sweep, write_rd_outputs
+
+    if getattr(args, "checkpoint", None) is None:
+        raise EvaluationError("--checkpoint is required")
+    if args.plots is not None and not args.sweep:
+        raise EvaluationError("--plots needs --sweep (plots are RD curves)")
+    progress = not args.no_progress
+    out_json = Path(args.json)
+    if args.sweep:
+        result = rd_sweep(args.checkpoint, args.images, args.masks, roi_quality=args.roi_quality,
+                          rates=sweep_rates(args.sweep_rates), roi_qualities=args.sweep_roi_qualities,
+                          baselines=args.baselines, progress=progress)
+        plots_dir = Path(args.plots) if args.plots else out_json.with_name(out_json.stem + "_rd")
+        files = write_rd_outputs(result, plots_dir, json_path=out_json)
+        logged = [files["json"], files["points_csv"], files["bd_csv"], *files["plots"]]
+        mlflow_info = None if args.no_mlflow else log_to_mlflow(result, logged, args.mlflow_uri)
+        if mlflow_info is not None and mlflow_info.get("run_id"):
+            result["files"], result["mlflow"] = files, mlflow_info
+            to_json(result, out_json)
+        bd = result["bd"]
+        print(f"{result['n_images']} images ({len(result['errors'])} skipped), {len(result['curves'])} curves")
+        for key in sorted(bd):
+            if key.startswith("bd_rate"):
+                print(f"  {key:<28} {bd[key]:+8.2f} %")
+        print(f"{out_json}; plots and CSV in {plots_dir}")
+    else:
+        result = evaluate_checkpoint(args.checkpoint, args.images, args.masks, roi_quality=args.roi_quality,
+                                     rate=args.rate, baselines=args.baselines, progress=progress)
+        to_json(result, out_json)
+        if not args.no_mlflow:
+            info = log_to_mlflow(result, [out_json], args.mlflow_uri)
+            if info.get("run_id"):
+                result["mlflow"] = info
+                to_json(result, out_json)
+        for line in summary_lines(result):
+            print(line)
+        print(out_json)
+    info = result.get("mlflow")
+    if info and info.get("run_id"):
+        state = "logged to" if info["logged"] else f"NOT logged ({info.get('error')}) to"
+        print(f"MLflow: {state} run {info['run_id']} ({info['tracking_uri']})", file=sys.stderr)
+    return 0
+

@@ -1,0 +1,353 @@
+"""The per-worker training loop run by Ray Train's ``TorchTrainer`` (Train V2 API).
+
+Every worker:
+
+1. builds the variant (same seed everywhere; DDP also broadcasts rank 0's weights),
+   and, when Ray Train hands it a checkpoint (a restarted worker group after a
+   failure, or a re-submitted run with the same name), loads the weights, both
+   optimizers' states and the **step counter** from it;
+2. wraps the model with :func:`ray.train.torch.prepare_model` (DDP when there are
+   several workers). CompressAI specifics: the entropy bottleneck's ``quantiles``
+   are trained by the separate aux loss, outside the DDP forward, so they are
+   excluded from DDP's gradient sync (each worker trains its own copy; they are
+   averaged before each checkpoint); buffers are not re-synced every forward
+   (``forward_sync_buffers=False``: the CDF tables are buffers whose size changes
+   with ``update()``, and there are no batch-norm statistics to share);
+   ``aux_loss`` is forwarded from the DDP wrapper to the codec;
+   ``find_unused_parameters`` (off by default: every parameter of tlic/sft/tma gets a
+   gradient every step) can be turned on for a variant with branches a batch skips;
+3. draws batches of crops from its shard of the ``train`` dataset (epoch after epoch
+   until the step budget is spent) and takes :func:`~pipeline.train.steps.train_step`
+   steps (bfloat16 autocast on GPU when ``amp`` is on);
+4. every ``report_every`` steps calls ``ray.train.report`` with the mean metrics of
+   the interval and the per-step ``history`` (the MLflow callback on the controller
+   logs every step from it); every ``checkpoint_every`` steps and at the end, rank 0
+   runs validation and writes a checkpoint directory:
+
+   - ``model.pt``: :func:`~pipeline.codec.checkpoint.save_checkpoint` of a copy with
+     its entropy-coding tables built (loadable by ``load_checkpoint`` and the CLI);
+   - ``train_state.pt``: both optimizers' states, the step counter, the config.
+
+Validation (rank 0, on the held-out centre crops the driver put in the object store
+(``config["_val"]``, see :func:`pipeline.data.dataset.validation_crops`), eval mode, a copy
+of the codec with ``update(force=True)``) measures, at each (roi_quality, rate) point
+of ``val_points``: the estimated bpp from the likelihoods, PSNR, ROI and non-ROI PSNR,
+the RD loss, and on the first ``val_encode_images`` crops the real bpp of
+:func:`~pipeline.codec.coding.encode` bytes and the PSNR after ``decode``. These are
+the RD points. ``val_loss`` (the mean RD loss over the points) ranks checkpoints.
+
+Testing hook: ``fail_at_step`` makes rank 0 die (``os._exit(1)``) once, just before
+that step, if the ``fail_marker`` file does not exist yet (it creates it first). It
+first waits until the controller has processed every report, so the checkpoint the
+restart resumes from is known; a real crash can come before the controller has
+committed the last checkpoint, and the restart then uses the one before.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from pipeline.codec.checkpoint import save_checkpoint
+from pipeline.codec.coding import bits_per_pixel as file_bpp
+from pipeline.codec.coding import decode, encode
+from pipeline.codec.models import ROICodec, build_model
+from pipeline.eval.metrics import psnr, roi_psnr
+from pipeline.masks.ops import assign_nonroi_value
+from pipeline.train.loss import ROIRateDistortionLoss, bits_per_pixel
+from pipeline.train.steps import StepSettings, make_optimizers, train_step
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+DEFAULT_VAL_POINTS = ((1.0, 1.0), (0.0, 1.0), (1.0, 0.0), (0.0, 0.0))
+
+
+def point_name(roi_quality: float, rate: float) -> str:
+    """Metric prefix of an RD point, e.g. ``rd/q0_r1``."""
+    return f"rd/q{roi_quality:g}_r{rate:g}"
+
+
+def rate_lambda(rate: float, low: float, high: float) -> float:
+    """The lambda of a continuous rate position: geometric between the trained end points
+    (equal to :func:`~pipeline.train.loss.rate_lambdas` at the trained points)."""
+    return low * (high / low) ** rate
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for r in rows for k in r}
+    return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def validate(model: ROICodec, images: torch.Tensor, masks: torch.Tensor,
+             points: list[tuple[float, float]] | tuple[tuple[float, float], ...], loss_fn: ROIRateDistortionLoss,
+             lambda_low: float, lambda_high: float, encode_images: int = 2, batch: int = 8
+             ) -> tuple[dict[str, float], list[dict[str, float]], ROICodec]:
+    """RD points of ``model`` on (N,3,H,W)/(N,1,H,W) crops in [0,1].
+
+    Returns the flat metrics (``val_loss``, ``val_bpp``, ``val_psnr`` and per point
+    ``rd/q{Q}_r{R}/...``), the RD points as a list of dicts, and the coding-ready copy
+    (eval mode, tables built) that was measured.
+    """
+    coder = copy.deepcopy(model).eval()
+    coder.update(force=True)
+    device = next(coder.parameters()).device
+    rd: list[dict[str, float]] = []
+    for q, r in points:
+        alpha = rate_lambda(r, lambda_low, lambda_high)
+        sums = {"bpp_est": 0.0, "psnr": 0.0, "loss": 0.0}
+        roi_vals, nonroi_vals = [], []
+        n = images.shape[0]
+        for i in range(0, n, batch):
+            x = images[i:i + batch].to(device)
+            m = masks[i:i + batch].to(device)
+            out = coder(x, m, q, r)
+            x_hat = out["x_hat"].clamp(0, 1)
+            b, _, h, w = x.shape
+            sums["bpp_est"] += float(bits_per_pixel(out["likelihoods"], b * h * w)) * b
+            sums["loss"] += float(loss_fn({**out, "x_hat": out["x_hat"].float()}, x,
+                                          assign_nonroi_value(m, q), alpha)["loss"]) * b
+            for j in range(b):
+                sums["psnr"] += psnr(x_hat[j:j + 1].cpu(), x[j:j + 1].cpu())
+                roi, nonroi = roi_psnr(x_hat[j:j + 1].cpu(), x[j:j + 1].cpu(), m[j:j + 1].cpu())
+                if not math.isnan(roi):
+                    roi_vals.append(roi)
+                if not math.isnan(nonroi):
+                    nonroi_vals.append(nonroi)
+        point = {"roi_quality": float(q), "rate": float(r), **{k: v / n for k, v in sums.items()},
+                 "roi_psnr": sum(roi_vals) / len(roi_vals) if roi_vals else float("nan"),
+                 "nonroi_psnr": sum(nonroi_vals) / len(nonroi_vals) if nonroi_vals else float("nan")}
+        coded_bpp, coded_psnr = [], []
+        for j in range(min(encode_images, n)):
+            x, m = images[j:j + 1], masks[j:j + 1]
+            data = encode(coder, x, m, q, r)
+            coded_bpp.append(file_bpp(data, x.shape[-1], x.shape[-2]))
+            coded_psnr.append(psnr(decode(coder, data), x))
+        if coded_bpp:
+            point["bpp"] = sum(coded_bpp) / len(coded_bpp)
+            point["psnr_decoded"] = sum(coded_psnr) / len(coded_psnr)
+        rd.append(point)
+    metrics: dict[str, float] = {
+        "val_loss": sum(p["loss"] for p in rd) / len(rd),
+        "val_bpp": sum(p["bpp_est"] for p in rd) / len(rd),
+        "val_psnr": sum(p["psnr"] for p in rd) / len(rd),
+    }
+    for p in rd:
+        prefix = point_name(p["roi_quality"], p["rate"])
+        for k, v in p.items():
+            if k not in ("roi_quality", "rate"):
+                metrics[f"{prefix}/{k}"] = v
+    return metrics, rd, coder
+
+
+def _load_val(config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The validation crops the driver put in the object store (``config["_val"]``)."""
+    import ray
+
+    ref = config.get("_val")
+    if ref is None:
+        return None
+    arrays = ray.get(ref)
+    if arrays["image"].shape[0] == 0:
+        return None
+    return (torch.from_numpy(arrays["image"]).float() / 255.0, torch.from_numpy(arrays["mask"]).float() / 255.0)
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+def load_training_checkpoint(directory: str | Path, model: ROICodec) -> dict[str, Any]:
+    """Load ``model.pt`` weights into ``model``; return the ``train_state.pt`` dict."""
+    directory = Path(directory)
+    blob = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+    if blob.get("variant") != model.variant:
+        raise ValueError(f"checkpoint holds variant {blob.get('variant')!r}, training {model.variant!r}")
+    model.load_state_dict(blob["state_dict"])
+    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def _average_quantiles(model: ROICodec, world: int) -> None:
+    """Average the (DDP-ignored) entropy-bottleneck quantiles across workers."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".quantiles"):
+                dist.all_reduce(p.data)
+                p.data /= world
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+def _batches(config: dict[str, Any], device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    epoch = 0
+    while True:
+        n = 0
+        for b in shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True,
+                                          device=device, local_shuffle_buffer_size=config.get("shuffle_buffer")):
+            n += 1
+            yield b["image"].float().div_(255.0), b["mask"].float().div_(255.0)
+        if n == 0:
+            raise RuntimeError(f"epoch {epoch}: this worker's share of the training crops is smaller than "
+                               f"one batch of {config['batch_size']}; use more data, more crops per image, "
+                               "fewer workers or a smaller batch")
+        epoch += 1
+
+
+def _print_progress(metrics: dict[str, Any], total: int) -> None:
+    """One line per report on the job's output (the full metrics go to MLflow)."""
+    parts = [f"step {metrics['step']}/{total}"]
+    for key, fmt in (("loss", "{:.3g}"), ("bpp", "{:.3f}"), ("steps_per_s", "{:.2f} steps/s"),
+                     ("val_loss", "val_loss {:.3g}"), ("val_psnr", "val_psnr {:.2f} dB")):
+        if key in metrics and isinstance(metrics[key], float) and math.isfinite(metrics[key]):
+            parts.append((f"{key} " if "{:" == fmt[:2] else "") + fmt.format(metrics[key]))
+    print("[train] " + "  ".join(parts), flush=True)
+
+
+def _quiet_ray_report_log() -> None:
+    """Ray Train logs every report's whole metrics dict at INFO; keep that at WARNING."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The body every Ray Train worker runs; ``config`` is :meth:`TrainConfig.loop_config`."""
+    import ray.train
+    import ray.train.torch
+
+    _quiet_ray_report_log()
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if config.get("torch_threads"):
+        torch.set_num_threads(int(config["torch_threads"]))
+    device = ray.train.torch.get_device()
+    if isinstance(device, list):
+        device = device[0]
+    amp = bool(config.get("amp")) if config.get("amp") is not None else device.type == "cuda"
+
+    torch.manual_seed(config["seed"])
+    model = build_model(config["variant"], **config["model"])
+    state: dict[str, Any] | None = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_training_checkpoint(d, model)
+    start_step = int(state["step"]) if state else 0
+    total = int(config["steps"])
+
+    # DDP: the aux-trained quantiles stay out of gradient sync (see the module docstring).
+    from torch.nn.parallel import DistributedDataParallel
+
+    quantiles = [n for n, _ in model.named_parameters() if n.endswith(".quantiles")]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, quantiles)
+    net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={
+        "find_unused_parameters": bool(config.get("find_unused_parameters", False)),
+        "forward_sync_buffers": False})
+    codec: ROICodec = net.module if isinstance(net, DistributedDataParallel) else net
+    if net is not codec:
+        net.aux_loss = codec.aux_loss  # DDP does not forward attribute lookups to the module
+
+    optimizer, aux_optimizer = make_optimizers(codec, config["lr"], config["aux_lr"])
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        aux_optimizer.load_state_dict(state["aux_optimizer"])
+    settings = StepSettings(n_rates=codec.n_rates, lambda_low=config["lambda_low"],
+                            lambda_high=config["lambda_high"])
+    loss_fn = ROIRateDistortionLoss(omega=config["omega"], ms_ssim_weight=config["ms_ssim_weight"])
+    # Knob sampling: a different stream per worker and per (re)start point.
+    rng = random.Random(hash((config["seed"], rank, start_step)) & 0xFFFFFFFF)
+
+    val = _load_val(config) if rank == 0 else None
+    points = [tuple(p) for p in config.get("val_points") or DEFAULT_VAL_POINTS]
+    report_every = max(1, int(config.get("report_every", 10)))
+    checkpoint_every = max(1, int(config.get("checkpoint_every", 100)))
+    record_times = bool(config.get("record_step_times"))
+    fail_at, marker = config.get("fail_at_step"), config.get("fail_marker")
+
+    batches = _batches(config, device)
+    history: list[dict[str, float]] = []
+    step_times: list[float] = []
+    t_interval = time.perf_counter()
+    net.train()
+
+    def do_report(done: int, with_checkpoint: bool) -> None:
+        nonlocal history, t_interval
+        elapsed = time.perf_counter() - t_interval
+        metrics: dict[str, Any] = {"step": done, "start_step": start_step, "world_size": world}
+        if history:
+            metrics.update({k: v for k, v in _mean(history).items() if k != "step"})
+            metrics["steps_per_s"] = len(history) / max(elapsed, 1e-9)
+        metrics["history"] = history
+        if record_times and done == total:
+            metrics["step_times"] = step_times
+        if not with_checkpoint:
+            ray.train.report(metrics)
+        else:
+            _average_quantiles(codec, world)
+            with tempfile.TemporaryDirectory(prefix="roicodec-ckpt-") as tmp:
+                ckpt = None
+                if rank == 0:
+                    codec.eval()
+                    if val is not None:
+                        vm, rd, coder = validate(codec, val[0], val[1], points, loss_fn, config["lambda_low"],
+                                                 config["lambda_high"], config.get("val_encode_images", 2))
+                        metrics.update(vm)
+                        metrics["rd_points"] = rd
+                    else:
+                        coder = copy.deepcopy(codec).eval()
+                        coder.update(force=True)
+                    codec.train()
+                    extra = {"step": done, "run_name": config.get("run_name"),
+                             **{k: float(v) for k, v in metrics.items() if k.startswith("val_")}}
+                    save_checkpoint(coder, Path(tmp) / MODEL_FILE, extra=extra)
+                    torch.save({"step": done, "optimizer": optimizer.state_dict(),
+                                "aux_optimizer": aux_optimizer.state_dict(),
+                                "config": {k: v for k, v in config.items() if not k.startswith("_")}},
+                               Path(tmp) / STATE_FILE)
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{done:08d}")
+        if rank == 0:
+            _print_progress(metrics, total)
+        history = []
+        t_interval = time.perf_counter()
+
+    for step in range(start_step, total):
+        if fail_at is not None and step == int(fail_at) and rank == 0 and marker and not os.path.exists(marker):
+            # Crash only once the controller has taken in every report so far (V2 commits a
+            # checkpoint when it processes the report, asynchronously), so the test knows
+            # which checkpoint the restart must use; a real crash may lose the last one.
+            ray.train.get_all_reported_checkpoints(timeout_s=300)
+            Path(marker).parent.mkdir(parents=True, exist_ok=True)
+            Path(marker).write_text(f"failed once at step {step}\n")
+            os._exit(1)
+        x, m = next(batches)
+        metrics = train_step(net, x, m, loss_fn, optimizer, aux_optimizer, settings, rng, amp=amp)
+        done = step + 1
+        if record_times:
+            step_times.append(time.perf_counter())
+        history.append({"step": float(done), **metrics})
+        is_checkpoint = done % checkpoint_every == 0 or done == total
+        if is_checkpoint or done % report_every == 0:
+            do_report(done, is_checkpoint)
+    if start_step >= total:
+        # Nothing left to train (a re-submitted finished run): report once, no new checkpoint.
+        ray.train.report({"step": start_step, "start_step": start_step, "world_size": world, "history": []})

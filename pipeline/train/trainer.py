@@ -1,0 +1,397 @@
+"""Distributed training job: Ray Data crops -> Ray Train ``TorchTrainer`` -> checkpoints + MLflow.
+
+:func:`train` is the library entry point; ``jobs/train.py`` and ``jobs/train_ggm.py``
+only parse arguments (:func:`cli_main`) and call it.
+
+Where things go (``storage_path``, default ``$ROICODEC_STORAGE`` or ``~/roicodec_runs``):
+
+- ``<storage_path>/<run_name>/``: the Ray Train run: ``checkpoint_XXXXXXXX/``
+  folders (``model.pt`` + ``train_state.pt``; the best ``keep`` by ``val_loss`` plus
+  the latest are kept) and Ray's run snapshot;
+- ``<storage_path>/mlflow.db`` and ``<storage_path>/mlartifacts/``: the default
+  MLflow store (see :mod:`pipeline.train.tracking`);
+- ``<storage_path>/smoke_shards/``: the tiny shards the smoke run generates.
+
+Resuming: Ray Train V2 has no ``Trainer.restore``/``resume_from_checkpoint`` any more
+(both raise a deprecation error in 2.60). Instead its controller loads the run
+snapshot it finds under ``storage_path/run_name`` and hands the latest checkpoint to
+the workers through ``ray.train.get_checkpoint()``: a worker-group restart after a
+failure (``max_failures``) and a re-submitted job with the same run name both resume
+from there, and the loop continues the step counter saved in the checkpoint. The
+MLflow run is found again by the same run name.
+
+Ray: an already initialised Ray is used as is; with ``RAY_ADDRESS`` set (``ray job
+submit``) the job connects to that cluster; otherwise a local Ray starts with
+``max(4, 2 * cores)`` logical CPUs so the Ray Data read/crop tasks keep CPUs next to
+the training workers (``cpus_per_worker`` each, default 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipeline.data.dataset import DatasetError, check_crop, plan_shards, training_datasets
+from pipeline.train import tracking
+from pipeline.train.loop import DEFAULT_VAL_POINTS, MODEL_FILE, train_loop_per_worker
+
+DEFAULT_MODEL = {"N": 128, "M": 192, "n_rates": 4}
+SMOKE_MODEL = {"N": 16, "M": 24, "n_rates": 2}
+
+
+class TrainError(ValueError):
+    """Bad training settings or a failed run; the message is one line."""
+
+
+def default_storage_path() -> str:
+    """``$ROICODEC_STORAGE`` or ``~/roicodec_runs`` (absolute: Ray needs it, and a job
+    submitted with ``--working-dir`` runs in a temporary folder)."""
+    return str(Path(os.environ.get("ROICODEC_STORAGE", "~/roicodec_runs")).expanduser().resolve())
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training job needs; every field is an MLflow parameter."""
+
+    shards: str | list[str] = ""
+    variant: str = "tma"
+    model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
+    steps: int = 10_000
+    batch_size: int = 8
+    crop: int = 256
+    crops_per_image: int | None = None  # None: auto (see pipeline.data.dataset)
+    saliency_weight: float = 0.0
+    val_crop: int = 256
+    val_fraction: float = 0.1
+    max_val_samples: int = 16
+    val_encode_images: int = 2
+    val_points: list[tuple[float, float]] = field(default_factory=lambda: [list(p) for p in DEFAULT_VAL_POINTS])
+    lr: float = 1e-4
+    aux_lr: float = 1e-3
+    lambda_low: float = 0.0035
+    lambda_high: float = 0.0483
+    omega: float = 3.0
+    ms_ssim_weight: float = 0.0
+    checkpoint_every: int = 500
+    report_every: int = 10
+    keep: int = 3
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    amp: bool | None = None  # None: on with GPUs
+    torch_threads: int | None = None
+    find_unused_parameters: bool = False
+    max_failures: int = 2
+    run_name: str | None = None
+    storage_path: str | None = None
+    mlflow_uri: str | None = None
+    experiment: str = "roicodec"
+    registered_model: str | None = None  # default roicodec-<variant>
+    champion_metric: str = "val_loss"
+    seed: int = 0
+    # testing / benchmarking hooks
+    fail_at_step: int | None = None
+    fail_marker: str | None = None
+    record_step_times: bool = False
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with defaults filled in (run name, paths, URIs) and settings checked."""
+        c = dataclasses.replace(self, model=dict(self.model))
+        if not c.shards:
+            raise TrainError("no shards given (--shards FOLDER, or --smoke to generate tiny ones)")
+        c.storage_path = str(Path(c.storage_path or default_storage_path()).expanduser().resolve())
+        c.run_name = c.run_name or f"{c.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if "/" in c.run_name or c.run_name.startswith("."):
+            raise TrainError(f"run name must be a plain folder name, got {c.run_name!r}")
+        c.mlflow_uri = c.mlflow_uri or tracking.default_tracking_uri(c.storage_path)
+        c.registered_model = c.registered_model or f"roicodec-{c.variant}"
+        for name in ("steps", "batch_size", "checkpoint_every", "report_every", "keep", "num_workers"):
+            if getattr(c, name) < 1:
+                raise TrainError(f"{name} must be at least 1, got {getattr(c, name)}")
+        if c.max_failures < 0:
+            raise TrainError("max_failures must be >= 0")
+        if not 0 < c.lambda_low <= c.lambda_high:
+            raise TrainError(f"need 0 < alpha-low <= alpha-high, got {c.lambda_low}, {c.lambda_high}")
+        try:
+            check_crop(c.crop, "crop")
+            check_crop(c.val_crop, "val_crop")
+        except DatasetError as exc:
+            raise TrainError(str(exc)) from None
+        if c.ms_ssim_weight > 0 and c.crop <= 160:
+            raise TrainError(f"the MS-SSIM term needs crops larger than 160 px, got {c.crop}")
+        for q, r in c.val_points:
+            if not (0 <= q <= 1 and 0 <= r <= 1):
+                raise TrainError(f"validation points must be (roi_quality, rate) in [0,1], got {(q, r)}")
+        return c
+
+    def loop_config(self) -> dict[str, Any]:
+        """The dict handed to every worker (plain values only)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainOutcome:
+    """What :func:`train` returns."""
+
+    run_name: str
+    run_path: str
+    checkpoint: str | None  # the latest checkpoint folder (model.pt inside)
+    metrics: dict[str, Any]  # the last report of rank 0
+    mlflow_run_id: str
+    mlflow_uri: str
+    resumed: bool  # the MLflow run (and so the Ray run name) existed before
+    model_version: str | None
+    champion_version: str | None
+    ray_result: Any = None
+
+    def summary(self) -> dict[str, Any]:
+        keep = ("step", "start_step", "loss", "bpp", "val_loss", "val_bpp", "val_psnr")
+        return {"run_name": self.run_name, "run_path": self.run_path, "checkpoint": self.checkpoint,
+                "model_file": str(Path(self.checkpoint) / MODEL_FILE) if self.checkpoint else None,
+                "mlflow_uri": self.mlflow_uri, "mlflow_run_id": self.mlflow_run_id, "resumed": self.resumed,
+                "model_version": self.model_version, "champion_version": self.champion_version,
+                "metrics": {k: self.metrics[k] for k in keep if k in self.metrics}}
+
+
+def ensure_ray() -> bool:
+    """Connect to or start Ray (see the module docstring); True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address="auto")
+    else:
+        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+    return True
+
+
+def _check_variant(variant: str) -> None:
+    from pipeline.codec.models import MODELS
+
+    if variant not in MODELS:
+        raise TrainError(f"codec variant {variant!r} is not registered (available: {', '.join(sorted(MODELS))})")
+
+
+def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
+    """Run (or resume) a training job; see the module docstring. Raises :class:`TrainError`."""
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = (config if isinstance(config, TrainConfig) else TrainConfig(**config)).resolved()
+    _check_variant(cfg.variant)
+    try:
+        plan = plan_shards(cfg.shards, cfg.val_fraction)  # bad data fails here, before Ray starts
+    except DatasetError as exc:
+        raise TrainError(str(exc)) from None
+    ensure_ray()
+    try:
+        data = training_datasets(plan, crop=cfg.crop, val_crop=cfg.val_crop, val_fraction=cfg.val_fraction,
+                                 crops_per_image=cfg.crops_per_image, saliency_weight=cfg.saliency_weight,
+                                 max_val_samples=cfg.max_val_samples,
+                                 global_batch=cfg.batch_size * cfg.num_workers, steps=cfg.steps)
+    except DatasetError as exc:
+        raise TrainError(str(exc)) from None
+    val_ref = ray.put(data.val) if data.val is not None else None  # read by rank 0 only
+
+    params = {**cfg.loop_config(), "train_images": data.train_images, "val_images": data.val_images,
+              "shard_files": len(data.files),
+              "train_rows": data.train_rows, "crops_per_image_used": data.crops_per_image}
+    run_id, resumed = tracking.start_run(cfg.mlflow_uri, cfg.experiment, cfg.run_name, params,
+                                         tags={tracking.STORAGE_TAG: cfg.storage_path, "variant": cfg.variant})
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    scored = data.val is not None
+    run_config = RunConfig(
+        name=cfg.run_name, storage_path=cfg.storage_path,
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep,
+                                           checkpoint_score_attribute="val_loss" if scored else None,
+                                           checkpoint_score_order="min"),
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        callbacks=[tracking.MlflowCallback(cfg.mlflow_uri, run_id)])
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config={**cfg.loop_config(), "mlflow_run_id": run_id, "_val": val_ref,
+                                                   "shuffle_buffer": max(4 * cfg.batch_size, 64)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=run_config, datasets={"train": data.train})
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        msg = _first_line(exc)
+        tracking.fail_run(cfg.mlflow_uri, run_id, msg)
+        raise TrainError(f"training run {cfg.run_name!r} failed: {msg}") from exc
+    metrics = dict(result.metrics or {})
+    ckpt_dir = result.checkpoint.path if result.checkpoint is not None else None
+    trained = metrics.get("step", 0) > metrics.get("start_step", 0)
+    done = tracking.finish_run(cfg.mlflow_uri, run_id, checkpoint_dir=ckpt_dir, final_metrics=metrics,
+                               registered_model=cfg.registered_model, champion_metric=cfg.champion_metric,
+                               register=trained)
+    return TrainOutcome(cfg.run_name, str(Path(cfg.storage_path) / cfg.run_name), ckpt_dir, metrics, run_id,
+                        cfg.mlflow_uri, resumed, done["model_version"], done["champion_version"], result)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    # Ray's errors wrap the worker traceback; keep the innermost "Error: message" line.
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln.split(":", 1)[0] or "Exception" in ln.split(":", 1)[0]:
+            return ln[:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+# -- smoke data ---------------------------------------------------------------------------------
+
+def write_smoke_shards(out_dir: str | Path, n_images: int = 12, size: int = 96, seed: int = 0,
+                       error_rows: int = 1) -> Path:
+    """Tiny shards from the bundled sample set (masks from the drawn objects, no CLIP):
+    one row per image with its objects' mask, plus ``error_rows`` error rows. Idempotent."""
+    from PIL import Image
+
+    from pipeline.data.samples import objects_mask, photo_like_image
+    from pipeline.data.shards import shard_files, write_shard
+    from pipeline.masks.ops import to_png
+
+    out = Path(out_dir).expanduser().resolve()
+    if shard_files(out):
+        return out
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_images):
+        arr, objects = photo_like_image(size, size, seed * 100_003 + i)
+        path = images / f"sample_{i:04d}.png"
+        Image.fromarray(arr).save(path)
+        mask = objects_mask(objects, size, size)
+        rows.append({"image_id": path.name, "uri": str(path), "width": size, "height": size, "prompt": "objects",
+                     "roi_mask": to_png(mask), "saliency": None, "mask_source": "coco", "error": None})
+    for j in range(error_rows):
+        rows.append({"image_id": f"broken_{j}.png", "uri": str(images / f"broken_{j}.png"), "width": None,
+                     "height": None, "prompt": "objects", "roi_mask": None, "saliency": None,
+                     "mask_source": "coco", "error": "UnidentifiedImageError: not an image file"})
+    write_shard(rows, out / "part-smoke-00000.parquet", metadata={"run_id": "smoke"})
+    return out
+
+
+# -- command line -------------------------------------------------------------------------------
+
+def build_parser(variant: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """The ``jobs/train.py`` arguments; ``variant`` fixes the variant (no ``--variant``)."""
+    p = argparse.ArgumentParser(
+        description=description or "Train a ROI codec with Ray Train (DDP workers), checkpoints and MLflow.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Re-running with the same --run-name and --storage-path resumes from the latest checkpoint "
+               "(step counter included) and logs into the same MLflow run.")
+    if variant is None:
+        p.add_argument("--variant", default="tma", help="codec variant: tlic, sft, tma or ggm")
+    p.add_argument("--shards", help="folder (or file) of Parquet mask shards from jobs/preprocess_masks.py; "
+                                    "optional with --smoke")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker; bfloat16 autocast on")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker")
+    p.add_argument("--steps", type=int, help="total optimisation steps (a resumed run continues to this count); "
+                                             "default 10000, 80 with --smoke")
+    p.add_argument("--batch-size", type=int, help="crops per worker per step (default 8, 4 with --smoke)")
+    p.add_argument("--crop", type=int, help="training crop side, a multiple of 64 (default 256, 64 with --smoke)")
+    p.add_argument("--crops-per-image", type=int,
+                   help="random crops per row per epoch (default: auto, 1 unless the data set is tiny)")
+    p.add_argument("--N", type=int, dest="n_channels", help="codec width N (default 128, 16 with --smoke)")
+    p.add_argument("--M", type=int, dest="m_channels", help="latent channels M (default 192, 24 with --smoke)")
+    p.add_argument("--n-rates", type=int, help="trained rate points of the gain units (default 4, 2 with --smoke)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4, 2e-3 with --smoke)")
+    p.add_argument("--aux-lr", type=float, default=1e-3, help="learning rate of the entropy-bottleneck quantiles")
+    p.add_argument("--alpha-low", type=float, default=0.0035, help="lambda of the lowest rate point")
+    p.add_argument("--alpha-high", type=float, default=0.0483, help="lambda of the highest rate point")
+    p.add_argument("--omega", type=float, default=3.0, help="ROI weight: lambda_i = alpha * exp(omega * m_i)")
+    p.add_argument("--ms-ssim-weight", type=float, default=0.0, help="weight of an MS-SSIM term (crops > 160 px)")
+    p.add_argument("--saliency-weight", type=float, default=0.0,
+                   help="blend saliency into the ROI mask: max(roi, w * saliency)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of images held out (by image-id hash)")
+    p.add_argument("--val-crop", type=int, help="validation centre-crop side (default 256, 64 with --smoke)")
+    p.add_argument("--checkpoint-every", type=int, help="validate + checkpoint every N steps "
+                                                        "(default 500, 20 with --smoke)")
+    p.add_argument("--report-every", type=int, default=10, help="report metrics to Ray/MLflow every N steps")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept (best by val_loss, plus the latest)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before the run fails")
+    p.add_argument("--run-name", help="Ray Train run name = MLflow run name (default <variant>-<time>); "
+                                      "reuse it to resume")
+    p.add_argument("--storage-path", help="root of runs, checkpoints and the default MLflow store "
+                                          "(default $ROICODEC_STORAGE or ~/roicodec_runs)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or "
+                                        "sqlite:///<storage-path>/mlflow.db)")
+    p.add_argument("--experiment", default="roicodec", help="MLflow experiment name")
+    p.add_argument("--registered-model", help="MLflow registered model name (default roicodec-<variant>)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny model, 64 px crops, few steps; generates tiny shards if --shards is not given")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="write the outcome as JSON to FILE (or, without FILE, as the last line of stdout)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, variant: str | None = None) -> TrainConfig:
+    """A :class:`TrainConfig` from parsed arguments (smoke defaults applied)."""
+    smoke = args.smoke
+    variant = variant or args.variant
+    storage = args.storage_path or default_storage_path()
+    shards = args.shards
+    if shards is None and smoke:
+        shards = str(write_smoke_shards(Path(storage) / "smoke_shards"))
+
+    def pick(value: Any, normal: Any, small: Any) -> Any:
+        return value if value is not None else (small if smoke else normal)
+
+    base = SMOKE_MODEL if smoke else DEFAULT_MODEL
+    model = {"N": pick(args.n_channels, base["N"], base["N"]), "M": pick(args.m_channels, base["M"], base["M"]),
+             "n_rates": pick(args.n_rates, base["n_rates"], base["n_rates"])}
+    return TrainConfig(
+        shards=shards or "", variant=variant, model=model,
+        steps=pick(args.steps, 10_000, 80), batch_size=pick(args.batch_size, 8, 4), crop=pick(args.crop, 256, 64),
+        crops_per_image=args.crops_per_image, saliency_weight=args.saliency_weight,
+        val_crop=pick(args.val_crop, 256, 64), val_fraction=args.val_fraction,
+        max_val_samples=4 if smoke else 16, val_encode_images=1 if smoke else 2,
+        lr=pick(args.lr, 1e-4, 2e-3), aux_lr=args.aux_lr, lambda_low=args.alpha_low, lambda_high=args.alpha_high,
+        omega=args.omega, ms_ssim_weight=args.ms_ssim_weight,
+        checkpoint_every=pick(args.checkpoint_every, 500, 20), report_every=args.report_every, keep=args.keep,
+        num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+        max_failures=args.max_failures,
+        run_name=args.run_name or (f"smoke-{variant}-{time.strftime('%Y%m%d-%H%M%S')}" if smoke else None),
+        storage_path=storage, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
+        registered_model=args.registered_model, seed=args.seed)
+
+
+def cli_main(argv: Sequence[str] | None = None, *, variant: str | None = None,
+             description: str | None = None) -> int:
+    """``jobs/train.py`` (and ``jobs/train_ggm.py`` with ``variant="ggm"``): 0 on success."""
+    args = build_parser(variant, description).parse_args(argv)
+    try:
+        if variant is not None:
+            _check_variant(variant)
+        cfg = config_from_args(args, variant)
+        outcome = train(cfg)
+    except (TrainError, DatasetError, ValueError, OSError) as exc:
+        print(f"error: {_first_line(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, (TrainError, DatasetError)) else 1
+    summary = outcome.summary()
+    if args.json and args.json != "-":
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    if args.json == "-":
+        print(json.dumps(summary, default=str), flush=True)
+    else:
+        m = summary["metrics"]
+        print(f"run {summary['run_name']}: steps {m.get('start_step', 0)} -> {m.get('step')}"
+              + (f", val_loss {m['val_loss']:.4f}" if "val_loss" in m else ""))
+        print(f"  checkpoint: {summary['model_file']}")
+        print(f"  MLflow:     {summary['mlflow_uri']} (run {summary['mlflow_run_id']}, "
+              f"model version {summary['model_version']}, champion {summary['champion_version']})")
+    return 0

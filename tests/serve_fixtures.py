@@ -1,0 +1,127 @@
+"""One real Ray Serve app on 127.0.0.1 for the whole test session (HTTP and browser tests).
+
+Loaded as a pytest plugin (``pytest_plugins = ["serve_fixtures"]`` in the test modules)
+so the session-scoped fixture exists once, however many modules use it: Ray starts
+once, the app (tiny checkpoint saved in tmp, random-init tiny CLIP from a config) is
+deployed once, and ``serve.shutdown(); ray.shutdown()`` run at the end of the session.
+The tests that use it are moved to the end of the run (``pytest_collection_modifyitems``
+below) so that the app never holds Ray while other tests run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+VARIANT = "tma"
+MAX_UPLOAD_MB = 0.5
+MAX_PIXELS = 256 * 256
+
+
+@dataclass
+class ServeApp:
+    url: str                 # ends with "/"
+    checkpoint: Path         # the deployed checkpoint
+    other_checkpoint: Path   # another model's checkpoint (its files must be refused)
+    clip_config: Path
+    args: dict
+    tmp: Path
+
+    def client(self, timeout: float = 120.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample_image(size: int = 64, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """A photo-like uint8 RGB image and its objects' float mask."""
+    from pipeline.data.samples import objects_mask, photo_like_image
+
+    arr, objects = photo_like_image(size, size, seed)
+    return arr, objects_mask(objects, size, size)
+
+
+def _tiny_checkpoint(path: Path, seed: int) -> Path:
+    from pipeline.codec.checkpoint import save_checkpoint
+    from pipeline.codec.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(VARIANT, N=32, M=48, n_rates=2).eval()
+    model.update(force=True)
+    return save_checkpoint(model, path)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:  # noqa: ANN001 - pytest hook
+    """Run the tests that use the Serve app last and back to back: the app (and its Ray)
+    lives from the first of them to the end of the session, so no other test runs while
+    it holds Ray and CPUs, and the modules that use it share one deployment."""
+    uses = [item for item in items if "serve_app" in getattr(item, "fixturenames", ())]
+    if uses:
+        items[:] = [item for item in items if "serve_app" not in getattr(item, "fixturenames", ())] + uses
+
+
+@pytest.fixture(scope="session")
+def serve_app(tmp_path_factory) -> ServeApp:
+    import ray
+    from ray import serve
+
+    from pipeline.serve.app import deploy
+
+    tmp = tmp_path_factory.mktemp("serve")
+    checkpoint = _tiny_checkpoint(tmp / "model.pt", seed=0)
+    other = _tiny_checkpoint(tmp / "other.pt", seed=1)
+    clip_config = tmp / "tiny_clip.json"
+    clip_config.write_text(json.dumps(TINY_CLIP))
+    args = {
+        "checkpoint": str(checkpoint), "clip_model": "tiny", "clip_pretrained": "none",
+        "clip_config": str(clip_config), "max_upload_mb": MAX_UPLOAD_MB, "max_pixels": MAX_PIXELS,
+        "use_gpu": False, "codec_num_cpus": 0.5, "mask_num_cpus": 0.5, "ingress_num_cpus": 0.25,
+        "codec_max_replicas": 1, "mask_max_replicas": 1, "ingress_max_replicas": 1,
+        # the same intra-op thread count as this process, so library results match bit for bit
+        "torch_threads": torch.get_num_threads(),
+    }
+    if ray.is_initialized():  # left over by an earlier test: these tests run last (see above)
+        ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        url = deploy(args, host="127.0.0.1", port=free_port(), name="roicodec-test")
+        app = ServeApp(url, checkpoint, other, clip_config, args, tmp)
+        with app.client(timeout=30) as c:
+            for _ in range(60):  # serve.run waits for the replicas; the proxy may lag a moment
+                try:
+                    if c.get("healthz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(1)
+            else:
+                pytest.fail("the Serve app never answered /healthz")
+        yield app
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,68 @@
+"""``jobs/train.py``: help, one-line errors, and the README's smoke run end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_help_explains_the_options():
+    res = _run("jobs/train.py", "--help")
+    assert res.returncode == 0
+    for opt in ("--variant", "--shards", "--num-workers", "--use-gpu", "--steps", "--batch-size", "--crop", "--lr",
+                "--alpha-low", "--alpha-high", "--omega", "--ms-ssim-weight", "--checkpoint-every", "--keep",
+                "--max-failures", "--run-name", "--storage-path", "--mlflow-uri", "--experiment", "--smoke"):
+        assert opt in res.stdout
+    ggm = _run("jobs/train_ggm.py", "--help")
+    assert ggm.returncode == 0 and "--variant" not in ggm.stdout
+
+
+def test_bad_input_is_a_one_line_error(tmp_path):
+    res = _run("jobs/train.py", "--shards", str(tmp_path / "nowhere"), "--storage-path", str(tmp_path))
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith("error:")
+    res = _run("jobs/train.py", "--smoke", "--crop", "100", "--storage-path", str(tmp_path))
+    assert res.returncode == 2 and "multiple of 64" in res.stderr
+
+
+@pytest.mark.slow
+def test_smoke_run_end_to_end_and_loss_falls(tmp_path):
+    res = _run("jobs/train.py", "--smoke", "--variant", "tlic", "--storage-path", str(tmp_path),
+               "--json", str(tmp_path / "outcome.json"), timeout=600, env={"RAY_ADDRESS": ""})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "outcome.json").read_text())
+    assert out["metrics"]["step"] == 80 and Path(out["model_file"]).is_file()
+    assert out["model_version"] and out["champion_version"]
+
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=out["mlflow_uri"])
+    loss = {m.step: m.value for m in c.get_metric_history(out["mlflow_run_id"], "train/loss")}
+    rate = {m.step: m.value for m in c.get_metric_history(out["mlflow_run_id"], "train/rate_index")}
+    mse = {m.step: m.value for m in c.get_metric_history(out["mlflow_run_id"], "train/mse")}
+    assert sorted(loss) == list(range(1, 81))
+    # Honest learning: the loss mixes two rate points (lambdas 14x apart), so compare per rate point.
+    first, last = range(1, 21), range(61, 81)
+    for r in {rate[s] for s in loss}:
+        a = [loss[s] for s in first if rate[s] == r]
+        b = [loss[s] for s in last if rate[s] == r]
+        if a and b:
+            assert sum(b) / len(b) < sum(a) / len(a), f"loss at rate index {r} did not fall"
+    assert sum(mse[s] for s in last) / 20 < sum(mse[s] for s in first) / 20
+    by_rate = defaultdict(list)
+    for s, r in rate.items():
+        by_rate[r].append(s)
+    assert len(by_rate) == 2  # both rate points were trained
