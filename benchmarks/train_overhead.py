@@ -45,7 +45,8 @@ from pipeline.data.shards import read_shards  # noqa: E402
 from pipeline.train.local import random_crops  # noqa: E402
 from pipeline.train.loss import ROIRateDistortionLoss  # noqa: E402
 from pipeline.train.steps import StepSettings, make_optimizers, train_step  # noqa: E402
-from pipeline.train.trainer import TrainConfig, ensure_ray, train, write_smoke_shards  # noqa: E402
+from pipeline.ray_session import ensure_ray  # noqa: E402
+from pipeline.train.trainer import TrainConfig, train, write_smoke_shards  # noqa: E402
 
 
 def load_in_memory(shards: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from pipeline.argtypes import positive, unit_interval
 from pipeline.eval.cli import (EVALUATE_DESCRIPTION, EVALUATE_EPILOG, EVALUATE_HELP, add_evaluate_arguments,
                                run_evaluate_command)
 from pipeline.masks.cli import add_mask_source_arguments, mask_from_args, run_mask_command
@@ -30,26 +31,6 @@ knobs:
                     (gain units): 0 = smallest file, 1 = best quality.
   --target-bpp B    instead of --rate: search the rate for a file of at most B
                     bits per pixel (real file size)."""
-
-
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]")
-    return value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return value
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
@@ -121,12 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .roic file")
     p.add_argument("--mask", help="ROI mask PNG (white = ROI, resized to the image)")
     add_mask_source_arguments(p)
-    p.add_argument("--roi-quality", type=_unit_interval, default=0.3, metavar="Q",
+    p.add_argument("--roi-quality", type=unit_interval, default=0.3, metavar="Q",
                    help="value of non-ROI pixels in [0,1]; 1 = uniform quality (default 0.3)")
     rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--rate", type=_unit_interval, default=0.5, metavar="R",
+    rate.add_argument("--rate", type=unit_interval, default=0.5, metavar="R",
                       help="continuous rate in [0,1]; 1 = best quality (default 0.5)")
-    rate.add_argument("--target-bpp", type=_positive, metavar="B",
+    rate.add_argument("--target-bpp", type=positive, metavar="B",
                       help="search the rate for a file of at most B bits per pixel")
     p.set_defaults(func=_cmd_compress)
 

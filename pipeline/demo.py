@@ -117,7 +117,8 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = 1500, variant: str =
     from pipeline.data.samples import write_sample_set
     from pipeline.eval.evaluate import EvaluationError
     from pipeline.eval.rd import DEFAULT_CRITERION, select_champion
-    from pipeline.train.trainer import MODEL_FILE, TrainConfig, ensure_ray, train
+    from pipeline.ray_session import ensure_ray
+    from pipeline.train.trainer import MODEL_FILE, TrainConfig, train
 
     paths = DemoPaths(Path(out_dir).resolve())
     _stage(1, f"bundled sample set -> {paths.root / 'data'}")

@@ -10,7 +10,7 @@ from pipeline.codec.coding import decode, encode
 from pipeline.codec.layers import GainUnits
 from pipeline.codec.models import MODELS, build_model, pad_to_multiple
 
-from conftest import TINY, VARIANTS, image_and_mask
+from conftest import VARIANTS, image_and_mask
 
 
 def test_registry_has_every_variant():

@@ -60,7 +60,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import scipy.special
 import scipy.stats
 import torch
-from compressai.entropy_models import EntropyModel
+from compressai.entropy_models import EntropyModel, GaussianConditional
 from compressai.models.base import get_scale_table
 from compressai.ops.bound_ops import LowerBoundFunction
 from torch import Tensor
@@ -137,7 +137,52 @@ def _prepare_table(table: TableLike, name: str) -> Tensor:
     return table
 
 
-class GeneralizedGaussianConditional(EntropyModel):
+class CompactTablesMixin:
+    """rANS coding that hands the coder only the CDF tables a tensor uses.
+
+    CompressAI's ``compress``/``decompress`` pass every table (256 scale levels here, 768
+    (scale, beta) pairs for the generalized Gaussian) to the C++ coder, which copies them
+    on each call; that copy, not the coding, dominated encode time. Encoder and decoder
+    see the same indexes, so they build the same compact set. Mixed into an
+    ``EntropyModel`` with ``_quantized_cdf``, ``_cdf_length`` and ``_offset`` tables.
+    """
+
+    def _used_tables(self, indexes: Tensor) -> Tuple[Tensor, list, list, list]:
+        """Only the tables ``indexes`` use, trimmed to their longest CDF, and the remapped indexes."""
+        used, remapped = torch.unique(indexes.reshape(-1).long(), return_inverse=True)
+        used = used.to(self._quantized_cdf.device)
+        lengths = self._cdf_length[used]
+        cdf = self._quantized_cdf[used, :int(lengths.max())]
+        return (remapped.reshape(indexes.shape).int(), cdf.tolist(),
+                lengths.reshape(-1).int().tolist(), self._offset[used].reshape(-1).int().tolist())
+
+    def compress(self, inputs: Tensor, indexes: Tensor, means: Optional[Tensor] = None) -> list:
+        """Entropy-code ``inputs`` (one string per batch item) with CompressAI's rANS coder."""
+        if inputs.dim() < 2 or inputs.size() != indexes.size():
+            raise ValueError("`inputs` and `indexes` must have the same size (at least 2-D)")
+        symbols = self.quantize(inputs, "symbols", means)
+        strings = []
+        for i in range(symbols.size(0)):
+            idx, cdf, lengths, offsets = self._used_tables(indexes[i])
+            strings.append(self.entropy_coder.encode_with_indexes(
+                symbols[i].reshape(-1).int().tolist(), idx.reshape(-1).tolist(), cdf, lengths, offsets))
+        return strings
+
+    def decompress(self, strings: list, indexes: Tensor, dtype: torch.dtype = torch.float,
+                   means: Optional[Tensor] = None) -> Tensor:
+        """Decode ``strings`` back to (dequantized) values; ``indexes`` as in compress."""
+        if len(strings) != indexes.size(0) or indexes.dim() < 2:
+            raise ValueError("one string per batch item of `indexes` is required")
+        outputs = torch.empty(indexes.size(), dtype=torch.int32, device=self._quantized_cdf.device)
+        for i, string in enumerate(strings):
+            idx, cdf, lengths, offsets = self._used_tables(indexes[i])
+            values = self.entropy_coder.decode_with_indexes(
+                string, idx.reshape(-1).tolist(), cdf, lengths, offsets)
+            outputs[i] = torch.tensor(values, device=outputs.device).reshape(outputs[i].size())
+        return self.dequantize(outputs, means, dtype)
+
+
+class GeneralizedGaussianConditional(CompactTablesMixin, EntropyModel):
     """Generalized Gaussian conditional layer (scale ``alpha``, shape ``beta``).
 
     Args:
@@ -295,43 +340,6 @@ class GeneralizedGaussianConditional(EntropyModel):
             beta_index = torch.bucketize(betas.log(), (log_betas[1:] + log_betas[:-1]) / 2)
             return (beta_index * len(self.scale_table) + scale_index).int()
 
-    def _used_tables(self, indexes: Tensor) -> Tuple[Tensor, list, list, list]:
-        """Only the tables ``indexes`` use, trimmed to their longest CDF, and the remapped
-        indexes. The coder copies every table it is handed on each call; with 768 tables of
-        up to ~3000 entries that copy, not the coding, dominated. Encoder and decoder see
-        the same indexes, so they build the same compact set."""
-        used, remapped = torch.unique(indexes.reshape(-1).long(), return_inverse=True)
-        used = used.to(self._quantized_cdf.device)
-        lengths = self._cdf_length[used]
-        cdf = self._quantized_cdf[used, :int(lengths.max())]
-        return (remapped.reshape(indexes.shape).int(), cdf.tolist(),
-                lengths.reshape(-1).int().tolist(), self._offset[used].reshape(-1).int().tolist())
-
-    def compress(self, inputs: Tensor, indexes: Tensor, means: Optional[Tensor] = None) -> list:
-        """Entropy-code ``inputs`` (one string per batch item) with CompressAI's rANS coder."""
-        if inputs.dim() < 2 or inputs.size() != indexes.size():
-            raise ValueError("`inputs` and `indexes` must have the same size (at least 2-D)")
-        symbols = self.quantize(inputs, "symbols", means)
-        strings = []
-        for i in range(symbols.size(0)):
-            idx, cdf, lengths, offsets = self._used_tables(indexes[i])
-            strings.append(self.entropy_coder.encode_with_indexes(
-                symbols[i].reshape(-1).int().tolist(), idx.reshape(-1).tolist(), cdf, lengths, offsets))
-        return strings
-
-    def decompress(self, strings: list, indexes: Tensor, dtype: torch.dtype = torch.float,
-                   means: Optional[Tensor] = None) -> Tensor:
-        """Decode ``strings`` back to (dequantized) values; ``indexes`` as in compress."""
-        if len(strings) != indexes.size(0) or indexes.dim() < 2:
-            raise ValueError("one string per batch item of `indexes` is required")
-        outputs = torch.empty(indexes.size(), dtype=torch.int32, device=self._quantized_cdf.device)
-        for i, string in enumerate(strings):
-            idx, cdf, lengths, offsets = self._used_tables(indexes[i])
-            values = self.entropy_coder.decode_with_indexes(
-                string, idx.reshape(-1).tolist(), cdf, lengths, offsets)
-            outputs[i] = torch.tensor(values, device=outputs.device).reshape(outputs[i].size())
-        return self.dequantize(outputs, means, dtype)
-
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any
                               ) -> None:
         # Table buffers change size on update(): resize ours to the incoming ones first.
@@ -341,3 +349,7 @@ class GeneralizedGaussianConditional(EntropyModel):
             if incoming is not None and incoming.shape != current.shape:
                 setattr(self, name, current.new_empty(incoming.shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class CompactGaussianConditional(CompactTablesMixin, GaussianConditional):
+    """CompressAI's ``GaussianConditional`` with compact-table coding (same tables, same model)."""

@@ -26,14 +26,14 @@ from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
-from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+from compressai.entropy_models import EntropyBottleneck
 from compressai.layers import GDN
 from compressai.models import CompressionModel
 from compressai.models.base import get_scale_table
 from compressai.models.utils import conv, deconv
 from torch import nn
 
-from pipeline.codec.entropy import GeneralizedGaussianConditional
+from pipeline.codec.entropy import CompactGaussianConditional, GeneralizedGaussianConditional
 from pipeline.codec.layers import (SFT, GainUnits, LatentMaskAttention, MaskImageCondition,
                                    RateLike, pool_mask)
 from pipeline.masks.ops import assign_nonroi_value
@@ -92,7 +92,7 @@ class ROICodec(CompressionModel):
         super().__init__()
         self.N, self.M, self.n_rates = N, M, n_rates
         self.entropy_bottleneck = EntropyBottleneck(N)
-        self.gaussian_conditional = GaussianConditional(None)
+        self.gaussian_conditional = CompactGaussianConditional(None)
         self.h_a = nn.Sequential(conv(M, N, stride=1, kernel_size=3), nn.LeakyReLU(inplace=True),
                                  conv(N, N), nn.LeakyReLU(inplace=True), conv(N, N))
         self.h_s = nn.Sequential(deconv(N, M), nn.LeakyReLU(inplace=True),

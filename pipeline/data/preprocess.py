@@ -50,6 +50,7 @@ from pipeline.masks.ops import resize, to_png, to_rgb_array
 from pipeline.masks.saliency import DEFAULT_SALIENCY_MODEL, get_saliency_model
 from pipeline.masks.text import (DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, TextMasker, load_clip_config,
                                  plan_clip_load)
+from pipeline.ray_session import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -204,23 +205,6 @@ def _list_folder(folder: Path) -> list[tuple[str, Path]]:
     return sorted(files)
 
 
-def _ensure_ray() -> bool:
-    """Connect to Ray: the job's cluster under ``ray job submit`` (RAY_ADDRESS), else a local one.
-
-    Returns True when this call started Ray (the caller then shuts it down).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address="auto")
-    else:  # our own instance, even if a `ray start` cluster runs here; more logical CPUs than
-        # cores, so actor pools do not starve the read/decode tasks
-        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)))
-    return True
-
-
 def preprocess(input: str | Path, output: str | Path, *, prompts: Sequence[str] = (),
                prompts_file: str | Path | None = None, coco_annotations: str | Path | None = None,
                roi_source: str | None = None, saliency: bool = True, saliency_model: str = DEFAULT_SALIENCY_MODEL,
@@ -301,7 +285,7 @@ def preprocess(input: str | Path, output: str | Path, *, prompts: Sequence[str] 
 
     import ray
 
-    started = _ensure_ray()
+    started = ensure_ray()
     try:
         t_ray = time.perf_counter()
         resources = ray.cluster_resources()  # checked up front: an actor pool that cannot fit would hang

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.argtypes import unit_interval
+
 EVALUATE_HELP = "evaluate a checkpoint: bpp, ROI/non-ROI PSNR, MS-SSIM vs JPEG/WebP/JPEG 2000"
 
 EVALUATE_DESCRIPTION = """\
@@ -40,16 +42,6 @@ Ray Train run_name found in the store), the metrics and files are logged to that
 run (store: --mlflow-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
 
 
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]")
-    return value
-
-
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -71,16 +63,16 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser, checkpoint_required:
     parser.add_argument("--masks", metavar="DIR", default=None,
                         help="folder of masks DIR/<image stem>.png, white = ROI (default: whole image is ROI)")
     parser.add_argument("--json", required=True, metavar="OUT.json", help="where to write the results")
-    parser.add_argument("--roi-quality", type=_unit_interval, default=DEFAULT_ROI_QUALITY, metavar="Q",
+    parser.add_argument("--roi-quality", type=unit_interval, default=DEFAULT_ROI_QUALITY, metavar="Q",
                         help="value of non-ROI pixels in [0,1]; 1 = uniform quality (default %(default)s)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--rate", type=_unit_interval, default=DEFAULT_RATE, metavar="R",
+    mode.add_argument("--rate", type=unit_interval, default=DEFAULT_RATE, metavar="R",
                       help="continuous rate in [0,1] of the single operating point (default %(default)s)")
     mode.add_argument("--sweep", action="store_true",
                       help="RD curves over rates and roi-qualities, BD-rate/BD-PSNR, plots and CSV")
     parser.add_argument("--sweep-rates", type=_count, default=5, metavar="K",
                         help="with --sweep: K rates evenly spaced on [0,1] (default %(default)s)")
-    parser.add_argument("--sweep-roi-quality", dest="sweep_roi_qualities", type=_unit_interval, nargs="+",
+    parser.add_argument("--sweep-roi-quality", dest="sweep_roi_qualities", type=unit_interval, nargs="+",
                         default=None, metavar="Q",
                         help="with --sweep: roi-qualities to sweep besides --roi-quality (default: 1.0, "
                              "the uniform learned baseline)")

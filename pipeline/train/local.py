@@ -27,8 +27,8 @@ def random_crops(images: torch.Tensor, masks: torch.Tensor, batch: int, crop: in
     idx = torch.randint(0, n, (batch,), generator=gen)
     top = torch.randint(0, h - crop + 1, (batch,), generator=gen)
     left = torch.randint(0, w - crop + 1, (batch,), generator=gen)
-    xs = [images[i, :, t:t + crop, l:l + crop] for i, t, l in zip(idx, top, left)]
-    ms = [masks[i, :, t:t + crop, l:l + crop] for i, t, l in zip(idx, top, left)]
+    xs = [images[i, :, t:t + crop, lf:lf + crop] for i, t, lf in zip(idx, top, left)]
+    ms = [masks[i, :, t:t + crop, lf:lf + crop] for i, t, lf in zip(idx, top, left)]
     flip = torch.rand(batch, generator=gen) < 0.5
     xs = [x.flip(-1) if f else x for x, f in zip(xs, flip)]
     ms = [m.flip(-1) if f else m for m, f in zip(ms, flip)]

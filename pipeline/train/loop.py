@@ -50,6 +50,7 @@ import logging
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -212,11 +213,13 @@ def _batches(config: dict[str, Any], device: torch.device) -> Iterator[tuple[tor
 def _print_progress(metrics: dict[str, Any], total: int) -> None:
     """One line per report on the job's output (the full metrics go to MLflow)."""
     parts = [f"step {metrics['step']}/{total}"]
-    for key, fmt in (("loss", "{:.3g}"), ("bpp", "{:.3f}"), ("steps_per_s", "{:.2f} steps/s"),
+    for key, fmt in (("loss", "loss {:.3g}"), ("bpp", "bpp {:.3f}"), ("steps_per_s", "{:.2f} steps/s"),
                      ("val_loss", "val_loss {:.3g}"), ("val_psnr", "val_psnr {:.2f} dB")):
         if key in metrics and isinstance(metrics[key], float) and math.isfinite(metrics[key]):
-            parts.append((f"{key} " if "{:" == fmt[:2] else "") + fmt.format(metrics[key]))
-    print("[train] " + "  ".join(parts), flush=True)
+            parts.append(fmt.format(metrics[key]))
+    # Not print(): Ray Train patches it to log *and* echo, which shows every line twice.
+    sys.stdout.write("[train] " + "  ".join(parts) + "\n")
+    sys.stdout.flush()
 
 
 def _quiet_ray_report_log() -> None:

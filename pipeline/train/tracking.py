@@ -17,6 +17,10 @@ Who logs what:
   works in a multi-node cluster too, and workers never touch MLflow; why not the
   driver after ``fit``: V2 results keep only the last report, and metrics should show
   up while the job runs. Worker failures are counted (``worker_failures``).
+- The **controller** also records where the workers run (:class:`WorkerPlacementCallback`,
+  a Ray Train worker-group callback): the tag ``worker_nodes`` (JSON: node id ->
+  node IP and world ranks, rewritten when a failure restarts the group) and
+  ``worker_node_count``, so a multi-node run shows its placement in MLflow.
 - The **driver** after ``fit`` (:func:`finish_run`): the RD points as a JSON artifact
   (``rd_points.json``), the final checkpoint's ``model.pt`` as the artifact
   ``checkpoint/model.pt``, a new version of the registered model (plain artifact
@@ -28,6 +32,9 @@ keeps both values); the ``start_step`` metric shows where each attempt started.
 
 Default store: ``sqlite:///<storage_path>/mlflow.db`` with artifacts in
 ``<storage_path>/mlartifacts``; ``--mlflow-uri`` or ``MLFLOW_TRACKING_URI`` override it.
+A storage path on a shared filesystem (NFS) gives every node the same store; with an
+object-store storage URI (``s3://``, ``gs://``) there is no default (a SQLite file cannot
+live there): give a tracking server.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ log = logging.getLogger(__name__)
 
 RUN_TAG = "ray_train_run_name"
 STORAGE_TAG = "ray_storage_path"
+WORKERS_TAG = "worker_nodes"
 CHAMPION = "champion"
 _MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 
@@ -54,7 +62,11 @@ def default_tracking_uri(storage_path: str | Path) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    return f"sqlite:///{Path(storage_path).expanduser().resolve() / 'mlflow.db'}"
+    text = str(storage_path)
+    if "://" in text and not text.startswith("file://"):
+        raise ValueError(f"no default MLflow store for the storage URI {text} (a SQLite file cannot live there); "
+                         "set MLFLOW_TRACKING_URI or --mlflow-uri to a tracking server")
+    return f"sqlite:///{Path(text.removeprefix('file://')).expanduser().resolve() / 'mlflow.db'}"
 
 
 def _artifact_location(tracking_uri: str) -> str | None:
@@ -216,6 +228,47 @@ class MlflowCallback(_UserCallback):
                           if str(first).strip() else type(first).__name__)
         except Exception as exc:  # noqa: BLE001
             log.warning("MLflow logging failed: %s", exc)
+
+
+try:  # a DeveloperAPI of Ray Train V2 (runs on the controller, like UserCallback)
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback as _WorkerGroupCallback
+except ImportError:  # pragma: no cover - another Ray Train version: no placement tag
+    _WorkerGroupCallback = None
+
+
+def worker_placement(workers) -> dict[str, dict[str, Any]]:
+    """``{node_id: {"ip": node IP, "ranks": [world ranks]}}`` of a worker group's workers."""
+    nodes: dict[str, dict[str, Any]] = {}
+    for i, w in enumerate(workers):
+        ctx = getattr(w, "distributed_context", None)
+        rank = ctx.world_rank if ctx is not None else i
+        node = nodes.setdefault(w.metadata.node_id, {"ip": w.metadata.node_ip, "ranks": []})
+        node["ranks"].append(rank)
+    for node in nodes.values():
+        node["ranks"].sort()
+    return nodes
+
+
+class WorkerPlacementCallback(_WorkerGroupCallback or object):
+    """Ray Train worker-group callback (controller): the MLflow tags ``worker_nodes`` and
+    ``worker_node_count`` each time the worker group starts. Never raises."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+
+    def after_worker_group_start(self, worker_group) -> None:
+        try:
+            nodes = worker_placement(worker_group.get_workers())
+            c = client(self.tracking_uri)
+            c.set_tag(self.run_id, WORKERS_TAG, json.dumps(nodes, sort_keys=True)[:5000])
+            c.set_tag(self.run_id, "worker_node_count", str(len(nodes)))
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop training
+            log.warning("MLflow logging of the worker placement failed: %s", exc)
+
+
+def placement_callbacks(tracking_uri: str, run_id: str) -> list[Any]:
+    """``[WorkerPlacementCallback]`` where this Ray Train has worker-group callbacks, else ``[]``."""
+    return [WorkerPlacementCallback(tracking_uri, run_id)] if _WorkerGroupCallback is not None else []
 
 
 def finish_run(tracking_uri: str, run_id: str, *, checkpoint_dir: str | Path | None,

@@ -3,7 +3,8 @@
 :func:`train` is the library entry point; ``jobs/train.py`` and ``jobs/train_ggm.py``
 only parse arguments (:func:`cli_main`) and call it.
 
-Where things go (``storage_path``, default ``$ROICODEC_STORAGE`` or ``~/roicodec_runs``):
+Where things go (``storage_path``, default ``$ROICODEC_STORAGE`` or ``~/roicodec_runs``; the one
+setting that moves a job from a laptop to a cluster, see :func:`default_storage_path`):
 
 - ``<storage_path>/<run_name>/``: the Ray Train run: ``checkpoint_XXXXXXXX/``
   folders (``model.pt`` + ``train_state.pt``; the best ``keep`` by ``val_loss`` plus
@@ -11,6 +12,14 @@ Where things go (``storage_path``, default ``$ROICODEC_STORAGE`` or ``~/roicodec
 - ``<storage_path>/mlflow.db`` and ``<storage_path>/mlartifacts/``: the default
   MLflow store (see :mod:`pipeline.train.tracking`);
 - ``<storage_path>/smoke_shards/``: the tiny shards the smoke run generates.
+
+``storage_path`` is a local folder, a shared filesystem mounted at the same path on
+every node (NFS, EFS, Filestore, a ReadWriteMany volume), or an object-store URI
+(``s3://bucket/prefix``, ``gs://bucket/prefix``). A URI goes to Ray Train's
+``RunConfig(storage_path=...)`` untouched (Ray uploads the checkpoints); as a SQLite
+file cannot live there, the MLflow store must then be a tracking server given by
+``--mlflow-uri`` / ``MLFLOW_TRACKING_URI``, and shards stay on a filesystem path
+(``--shards``; ``--smoke`` needs a filesystem storage path for its generated shards).
 
 Resuming: Ray Train V2 has no ``Trainer.restore``/``resume_from_checkpoint`` any more
 (both raise a deprecation error in 2.60). Instead its controller loads the run
@@ -35,10 +44,11 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 from pipeline.data.dataset import DatasetError, check_crop, plan_shards, training_datasets
+from pipeline.ray_session import ensure_ray
 from pipeline.train import tracking
 from pipeline.train.loop import DEFAULT_VAL_POINTS, MODEL_FILE, train_loop_per_worker
 
@@ -46,14 +56,39 @@ DEFAULT_MODEL = {"N": 128, "M": 192, "n_rates": 4}
 SMOKE_MODEL = {"N": 16, "M": 24, "n_rates": 2}
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 class TrainError(ValueError):
     """Bad training settings or a failed run; the message is one line."""
 
 
+def is_uri(path: str | Path) -> bool:
+    """True for a remote storage URI (``s3://``, ``gs://``, ...); ``file://`` counts as a local path."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def normalize_storage(path: str | Path) -> str:
+    """A storage root as Ray needs it: a URI untouched (no trailing slash), a path absolute
+    (a job submitted with ``--working-dir`` runs in a temporary folder)."""
+    text = str(path).removeprefix("file://")
+    if is_uri(text):
+        return text.rstrip("/")
+    return str(Path(text).expanduser().resolve())
+
+
+def storage_join(root: str, *parts: str) -> str:
+    """``root/parts...`` for a path or a URI (``Path`` would turn ``s3://b`` into ``s3:/b``)."""
+    if is_uri(root):
+        return "/".join([root.rstrip("/"), *parts])
+    return str(Path(root, *parts))
+
+
 def default_storage_path() -> str:
-    """``$ROICODEC_STORAGE`` or ``~/roicodec_runs`` (absolute: Ray needs it, and a job
-    submitted with ``--working-dir`` runs in a temporary folder)."""
-    return str(Path(os.environ.get("ROICODEC_STORAGE", "~/roicodec_runs")).expanduser().resolve())
+    """``$ROICODEC_STORAGE`` or ``~/roicodec_runs``: a local or NFS path (made absolute), or an
+    ``s3://`` / ``gs://`` URI (kept as is)."""
+    return normalize_storage(os.environ.get("ROICODEC_STORAGE") or "~/roicodec_runs")
 
 
 @dataclass
@@ -89,6 +124,7 @@ class TrainConfig:
     torch_threads: int | None = None
     find_unused_parameters: bool = False
     max_failures: int = 2
+    placement_strategy: str = "PACK"  # Ray placement group strategy of the workers
     run_name: str | None = None
     storage_path: str | None = None
     mlflow_uri: str | None = None
@@ -106,11 +142,19 @@ class TrainConfig:
         c = dataclasses.replace(self, model=dict(self.model))
         if not c.shards:
             raise TrainError("no shards given (--shards FOLDER, or --smoke to generate tiny ones)")
-        c.storage_path = str(Path(c.storage_path or default_storage_path()).expanduser().resolve())
+        c.storage_path = normalize_storage(c.storage_path or default_storage_path())
         c.run_name = c.run_name or f"{c.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
         if "/" in c.run_name or c.run_name.startswith("."):
             raise TrainError(f"run name must be a plain folder name, got {c.run_name!r}")
+        if not c.mlflow_uri and is_uri(c.storage_path) and not os.environ.get("MLFLOW_TRACKING_URI"):
+            raise TrainError(f"the storage path {c.storage_path} is an object-store URI, where the default SQLite "
+                             "MLflow store cannot live: give a tracking server with --mlflow-uri (or set "
+                             "MLFLOW_TRACKING_URI)")
         c.mlflow_uri = c.mlflow_uri or tracking.default_tracking_uri(c.storage_path)
+        c.placement_strategy = str(c.placement_strategy).upper()
+        if c.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise TrainError(f"placement strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                             f"got {c.placement_strategy!r}")
         c.registered_model = c.registered_model or f"roicodec-{c.variant}"
         for name in ("steps", "batch_size", "checkpoint_every", "report_every", "keep", "num_workers"):
             if getattr(c, name) < 1:
@@ -154,23 +198,10 @@ class TrainOutcome:
     def summary(self) -> dict[str, Any]:
         keep = ("step", "start_step", "loss", "bpp", "val_loss", "val_bpp", "val_psnr")
         return {"run_name": self.run_name, "run_path": self.run_path, "checkpoint": self.checkpoint,
-                "model_file": str(Path(self.checkpoint) / MODEL_FILE) if self.checkpoint else None,
+                "model_file": storage_join(self.checkpoint, MODEL_FILE) if self.checkpoint else None,
                 "mlflow_uri": self.mlflow_uri, "mlflow_run_id": self.mlflow_run_id, "resumed": self.resumed,
                 "model_version": self.model_version, "champion_version": self.champion_version,
                 "metrics": {k: self.metrics[k] for k in keep if k in self.metrics}}
-
-
-def ensure_ray() -> bool:
-    """Connect to or start Ray (see the module docstring); True if this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address="auto")
-    else:
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)))
-    return True
 
 
 def _check_variant(variant: str) -> None:
@@ -180,11 +211,26 @@ def _check_variant(variant: str) -> None:
         raise TrainError(f"codec variant {variant!r} is not registered (available: {', '.join(sorted(MODELS))})")
 
 
+def run_config(cfg: TrainConfig, run_id: str, scored: bool = True):  # -> ray.train.RunConfig
+    """Ray Train's ``RunConfig`` of a resolved config: ``storage_path`` as given (a path or a
+    URI), checkpoint retention, failure retries, and the MLflow callbacks (``run_id``)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    return RunConfig(
+        name=cfg.run_name, storage_path=cfg.storage_path,
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep,
+                                           checkpoint_score_attribute="val_loss" if scored else None,
+                                           checkpoint_score_order="min"),
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        callbacks=[tracking.MlflowCallback(cfg.mlflow_uri, run_id),
+                   *tracking.placement_callbacks(cfg.mlflow_uri, run_id)])
+
+
 def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
     """Run (or resume) a training job; see the module docstring. Raises :class:`TrainError`."""
     import ray
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = (config if isinstance(config, TrainConfig) else TrainConfig(**config)).resolved()
@@ -209,20 +255,12 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
     run_id, resumed = tracking.start_run(cfg.mlflow_uri, cfg.experiment, cfg.run_name, params,
                                          tags={tracking.STORAGE_TAG: cfg.storage_path, "variant": cfg.variant})
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
-    scored = data.val is not None
-    run_config = RunConfig(
-        name=cfg.run_name, storage_path=cfg.storage_path,
-        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep,
-                                           checkpoint_score_attribute="val_loss" if scored else None,
-                                           checkpoint_score_order="min"),
-        failure_config=FailureConfig(max_failures=cfg.max_failures),
-        callbacks=[tracking.MlflowCallback(cfg.mlflow_uri, run_id)])
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={**cfg.loop_config(), "mlflow_run_id": run_id, "_val": val_ref,
                                                    "shuffle_buffer": max(4 * cfg.batch_size, 64)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=run_config, datasets={"train": data.train})
+                                     resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
+        run_config=run_config(cfg, run_id, scored=data.val is not None), datasets={"train": data.train})
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
@@ -230,12 +268,25 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
         tracking.fail_run(cfg.mlflow_uri, run_id, msg)
         raise TrainError(f"training run {cfg.run_name!r} failed: {msg}") from exc
     metrics = dict(result.metrics or {})
-    ckpt_dir = result.checkpoint.path if result.checkpoint is not None else None
     trained = metrics.get("step", 0) > metrics.get("start_step", 0)
-    done = tracking.finish_run(cfg.mlflow_uri, run_id, checkpoint_dir=ckpt_dir, final_metrics=metrics,
-                               registered_model=cfg.registered_model, champion_metric=cfg.champion_metric,
-                               register=trained)
-    return TrainOutcome(cfg.run_name, str(Path(cfg.storage_path) / cfg.run_name), ckpt_dir, metrics, run_id,
+
+    def finish(local_dir: str | None) -> dict[str, Any]:
+        return tracking.finish_run(cfg.mlflow_uri, run_id, checkpoint_dir=local_dir, final_metrics=metrics,
+                                   registered_model=cfg.registered_model, champion_metric=cfg.champion_metric,
+                                   register=trained)
+
+    if result.checkpoint is None:
+        ckpt_dir, done = None, finish(None)
+    elif is_uri(cfg.storage_path):
+        # Ray's checkpoint path has no scheme (bucket/prefix/...): report the URI, and hand
+        # MLflow a downloaded copy of the checkpoint.
+        ckpt_dir = storage_join(cfg.storage_path, cfg.run_name, PurePosixPath(result.checkpoint.path).name)
+        with result.checkpoint.as_directory() as local_dir:
+            done = finish(local_dir)
+    else:
+        ckpt_dir = result.checkpoint.path
+        done = finish(ckpt_dir)
+    return TrainOutcome(cfg.run_name, storage_join(cfg.storage_path, cfg.run_name), ckpt_dir, metrics, run_id,
                         cfg.mlflow_uri, resumed, done["model_version"], done["champion_version"], result)
 
 
@@ -322,12 +373,16 @@ def build_parser(variant: str | None = None, description: str | None = None) -> 
     p.add_argument("--report-every", type=int, default=10, help="report metrics to Ray/MLflow every N steps")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept (best by val_loss, plus the latest)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before the run fails")
+    p.add_argument("--placement-strategy", default="PACK", type=str.upper, choices=PLACEMENT_STRATEGIES,
+                   help="Ray placement of the workers: PACK fills nodes first, SPREAD / STRICT_SPREAD put them "
+                        "on different nodes")
     p.add_argument("--run-name", help="Ray Train run name = MLflow run name (default <variant>-<time>); "
                                       "reuse it to resume")
-    p.add_argument("--storage-path", help="root of runs, checkpoints and the default MLflow store "
-                                          "(default $ROICODEC_STORAGE or ~/roicodec_runs)")
+    p.add_argument("--storage-path", help="root of runs, checkpoints and the default MLflow store: a local or "
+                                          "NFS path, or an s3:// / gs:// URI (default $ROICODEC_STORAGE or "
+                                          "~/roicodec_runs)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or "
-                                        "sqlite:///<storage-path>/mlflow.db)")
+                                        "sqlite:///<storage-path>/mlflow.db; required with a URI storage path)")
     p.add_argument("--experiment", default="roicodec", help="MLflow experiment name")
     p.add_argument("--registered-model", help="MLflow registered model name (default roicodec-<variant>)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -342,9 +397,12 @@ def config_from_args(args: argparse.Namespace, variant: str | None = None) -> Tr
     """A :class:`TrainConfig` from parsed arguments (smoke defaults applied)."""
     smoke = args.smoke
     variant = variant or args.variant
-    storage = args.storage_path or default_storage_path()
+    storage = normalize_storage(args.storage_path) if args.storage_path else default_storage_path()
     shards = args.shards
     if shards is None and smoke:
+        if is_uri(storage):
+            raise TrainError(f"--smoke writes its tiny shards under the storage path, which here is the URI {storage}; "
+                             "give --shards a folder every node can read (local or NFS)")
         shards = str(write_smoke_shards(Path(storage) / "smoke_shards"))
 
     def pick(value: Any, normal: Any, small: Any) -> Any:
@@ -363,7 +421,7 @@ def config_from_args(args: argparse.Namespace, variant: str | None = None) -> Tr
         omega=args.omega, ms_ssim_weight=args.ms_ssim_weight,
         checkpoint_every=pick(args.checkpoint_every, 500, 20), report_every=args.report_every, keep=args.keep,
         num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
-        max_failures=args.max_failures,
+        max_failures=args.max_failures, placement_strategy=args.placement_strategy,
         run_name=args.run_name or (f"smoke-{variant}-{time.strftime('%Y%m%d-%H%M%S')}" if smoke else None),
         storage_path=storage, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
         registered_model=args.registered_model, seed=args.seed)
