@@ -88,7 +88,8 @@ class SFT(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         if cond.shape[-2:] != x.shape[-2:]:
             cond = F.interpolate(cond, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return x * (1 + self.gamma(cond)) + self.beta(cond)
+        # x + x*gamma + beta in two passes over x instead of three (speed on CPU)
+        return torch.addcmul(self.beta(cond).add_(x), x, self.gamma(cond))
 
 
 class MaskImageCondition(nn.Module):
