@@ -100,7 +100,8 @@ def jpeg_at_matched_bpp(checkpoint: Path, images: Sequence[Path], masks_dir: Pat
             point = learned_point(model, x, mask, roi_quality, rate)
             ref = jpeg_at_bpp(image, point["bpp"])
             ours.append((point["bpp"], point["roi_psnr"], point["psnr"]))
-            jpeg.append((ref.bpp, quality(x, ref.x_hat, mask)["roi_psnr"], quality(x, ref.x_hat, mask)["psnr"]))
+            q = quality(x, ref.x_hat, mask)
+            jpeg.append((ref.bpp, q["roi_psnr"], q["psnr"]))
         o, j = np.mean(ours, axis=0), np.mean(jpeg, axis=0)
         rows.append({"rate": float(rate), "bpp": float(o[0]), "roi_psnr": float(o[1]), "psnr": float(o[2]),
                      "jpeg_bpp": float(j[0]), "jpeg_roi_psnr": float(j[1]), "jpeg_psnr": float(j[2])})
@@ -126,7 +127,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = 1500, variant: str =
     eval_set = write_sample_set(paths.eval_set, n_images=n_eval, size=(size, size), seed=1)
     write_eval_masks(eval_set.annotations, eval_set.image_files, paths.eval_masks)
     print(f"  {n_train} training images, {n_eval} evaluation images with COCO annotations "
-          f"(categories: {', '.join(train_set.prompts.read_text().split(chr(10))[:-1])})")
+          f"(prompts: {', '.join(train_set.prompts.read_text().splitlines())})")
 
     started = ensure_ray()
     try:
@@ -163,7 +164,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = 1500, variant: str =
     summary = {"checkpoint": str(checkpoint), "mlflow_uri": paths.mlflow_uri, "mlflow_run_id": outcome.mlflow_run_id,
                "champion": champion["alias"], "report": champion["best"].get("files"), "train": outcome.summary(),
                "preprocess": {k: prep[k] for k in ("rows_written", "error_rows", "skipped_keys")},
-               "bd": {k: champion["best"]["value"] for k in [champion["criterion"]]}, "vs_jpeg": matched}
+               "bd": {champion["criterion"]: champion["best"]["value"]}, "vs_jpeg": matched}
     (paths.root / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print_summary(summary, paths)
     return summary

@@ -23,6 +23,18 @@ def roicodec(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+def roicodec_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``pipeline.cli.main`` in this process (no interpreter start-up), as a CompletedProcess."""
+    from pipeline.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
@@ -79,23 +91,27 @@ def test_target_bpp_stays_under_budget(files):
     assert 8 * roic.stat().st_size / (45 * 67) <= 2.0
 
 
-def test_bad_inputs_get_one_line_errors(files):
+def test_bad_inputs_get_one_line_errors(files, capsys):
     root, ckpt = files["root"], files["ckpt"]
     assert_one_line_error(roicodec("compress", files["text"], "--checkpoint", ckpt, "-o", root / "a.roic"),
                           "not a readable image")
-    assert_one_line_error(roicodec("compress", files["image"], "--checkpoint", root / "missing.pt",
-                                   "-o", root / "a.roic"), "checkpoint not found")
-    assert_one_line_error(roicodec("compress", files["image"], "--checkpoint", files["text"],
-                                   "-o", root / "a.roic"), "not a readable checkpoint")
-    assert_one_line_error(roicodec("compress", files["image"], "--checkpoint", ckpt,
-                                   "--roi-quality", "1.5", "-o", root / "a.roic"), "outside [0, 1]")
+    # the same handler in-process for the other cases (a process start costs seconds)
+    def run(*args):
+        return roicodec_in_process(capsys, *args)
+
+    assert_one_line_error(run("compress", files["image"], "--checkpoint", root / "missing.pt",
+                              "-o", root / "a.roic"), "checkpoint not found")
+    assert_one_line_error(run("compress", files["image"], "--checkpoint", files["text"],
+                              "-o", root / "a.roic"), "not a readable checkpoint")
+    assert_one_line_error(run("compress", files["image"], "--checkpoint", ckpt,
+                              "--roi-quality", "1.5", "-o", root / "a.roic"), "outside [0, 1]")
     good = root / "good.roic"
-    assert roicodec("compress", files["image"], "--checkpoint", ckpt, "-o", good).returncode == 0
+    assert run("compress", files["image"], "--checkpoint", ckpt, "-o", good).returncode == 0
     truncated = root / "truncated.roic"
     truncated.write_bytes(good.read_bytes()[:-7])
-    assert_one_line_error(roicodec("decompress", truncated, "--checkpoint", ckpt, "-o", root / "t.png"),
+    assert_one_line_error(run("decompress", truncated, "--checkpoint", ckpt, "-o", root / "t.png"),
                           "corrupted or truncated")
-    assert_one_line_error(roicodec("decompress", good, "--checkpoint", files["other"], "-o",
-                                   root / "o.png"), "different checkpoint")
-    assert_one_line_error(roicodec("decompress", files["image"], "--checkpoint", ckpt, "-o",
-                                   root / "p.png"), "not a .roic file")
+    assert_one_line_error(run("decompress", good, "--checkpoint", files["other"], "-o",
+                              root / "o.png"), "different checkpoint")
+    assert_one_line_error(run("decompress", files["image"], "--checkpoint", ckpt, "-o",
+                              root / "p.png"), "not a .roic file")
