@@ -43,7 +43,7 @@ _TRAINED: dict[str, ROICodec] = {}
 
 @pytest.fixture(scope="session")
 def trained():
-    """``trained(variant)``: a tiny model trained 1500 steps on sample crops (cached)."""
+    """``trained(variant)``: a tiny model trained 1000 steps on sample crops (cached)."""
     def get(variant: str) -> ROICodec:
         if variant not in _TRAINED:
             pairs = [image_and_mask(128, 128, seed) for seed in range(16)]
@@ -51,7 +51,7 @@ def trained():
             masks = torch.cat([p[1] for p in pairs])
             torch.manual_seed(0)
             model = build_model(variant, **TINY)
-            train_local(model, images, masks, steps=1500, batch=8, crop=64, lr=1e-3)
+            train_local(model, images, masks, steps=1000, batch=8, crop=64, lr=1e-3)
             _TRAINED[variant] = model
         return _TRAINED[variant]
     return get

@@ -53,6 +53,7 @@ def test_lower_roi_quality_moves_bits_into_the_roi(trained, rate):
         nonroi_loss.append(non_u - non_f)
         size_ratio.append(len(focused) / len(uniform))
     mean = lambda v: sum(v) / len(v)  # noqa: E731
+    # seen with the 1000-step fixture: ROI +0.40 dB, non-ROI -0.80..0.86 dB, size ratio 1.01..1.02
     assert mean(roi_gain) > 0.05, roi_gain
     assert mean(nonroi_loss) > 0.05, nonroi_loss
     assert 0.9 < mean(size_ratio) < 1.1, size_ratio
