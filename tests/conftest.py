@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,12 @@ from pipeline.train.local import train_local
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 TINY = {"N": 32, "M": 48, "n_rates": 2}
+# A tiny open_clip ViT config: random-init weights, the whole text-mask path runs offline.
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
 VARIANTS = ["tlic", "sft", "tma", "ggm"]
 
 
@@ -24,6 +32,14 @@ def image_and_mask(height: int, width: int, seed: int, n_objects: int | None = N
     x = torch.from_numpy(arr).permute(2, 0, 1).float()[None] / 255.0
     m = torch.from_numpy(objects_mask(objects, height, width))[None, None]
     return x, m
+
+
+@pytest.fixture(scope="session")
+def clip_config(tmp_path_factory) -> Path:
+    """:data:`TINY_CLIP` written as an open_clip model config file."""
+    path = tmp_path_factory.mktemp("clip") / "tiny.json"
+    path.write_text(json.dumps(TINY_CLIP))
+    return path
 
 
 @pytest.fixture(scope="session")

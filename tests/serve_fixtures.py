@@ -23,11 +23,8 @@ import pytest
 import torch
 from PIL import Image
 
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+from conftest import TINY_CLIP
+
 VARIANT = "tma"
 MAX_UPLOAD_MB = 0.5
 MAX_PIXELS = 256 * 256

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,18 +19,7 @@ from pipeline.masks.text import plan_clip_load
 from pipeline.masks.ops import (assign_nonroi_value, binarize, combine, from_png, resize, smooth, to_png,
                                 to_rgb_array, to_uint8)
 
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
-
-@pytest.fixture(scope="module")
-def clip_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("clip") / "tiny.json"
-    path.write_text(json.dumps(TINY_CLIP))
-    return path
+from conftest import TINY_CLIP
 
 
 @pytest.fixture(scope="module")

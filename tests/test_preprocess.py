@@ -27,11 +27,6 @@ _spec = importlib.util.spec_from_file_location("preprocess_masks_job", ROOT / "j
 _job = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_job)
 job_main = _job.main
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 PROMPT = "a dog"
 MAX_SIDE = 96
 BIG = "big/huge.png"  # larger than MAX_SIDE: computed downscaled, stored at full size
@@ -47,13 +42,6 @@ def ray_local():
     yield
     if started:
         ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def clip_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("clip") / "tiny.json"
-    path.write_text(json.dumps(TINY_CLIP))
-    return path
 
 
 @pytest.fixture(scope="module")
