@@ -12,13 +12,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
 from pipeline.codec.models import MODELS  # noqa: E402
-from pipeline.demo import run_demo  # noqa: E402
+from pipeline.demo import DEMO_STEPS, run_demo  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500, ~10 min on 2 cores)")
+    parser.add_argument("--steps", type=int, default=DEMO_STEPS,
+                        help=f"training steps (default {DEMO_STEPS}, ~10 min on 2 cores)")
     parser.add_argument("--variant", default="tma", choices=sorted(MODELS), help="codec variant (default tma)")
     parser.add_argument("--roi-quality", type=float, default=0.1,
                         help="non-ROI value for the evaluation, in [0,1] (default 0.1)")

@@ -59,10 +59,10 @@ def files(tmp_path_factory, untrained) -> dict[str, Path]:
     return {"root": root, "image": image, "mask": mask, "ckpt": ckpt, "other": other, "text": text}
 
 
-def test_help_explains_every_knob():
-    top = roicodec("--help")
+def test_help_explains_every_knob(capsys):
+    top = roicodec_in_process(capsys, "--help")
     assert top.returncode == 0 and "compress" in top.stdout and "decompress" in top.stdout
-    help_text = roicodec("compress", "--help").stdout
+    help_text = roicodec_in_process(capsys, "compress", "--help").stdout
     for knob in ("--roi-quality", "--rate", "--target-bpp", "--mask", "--prompt", "--saliency",
                  "--checkpoint", "uniform quality"):
         assert knob in help_text
@@ -83,9 +83,9 @@ def test_compress_decompress_round_trip(files):
     assert (decoded - expected).abs().max() <= 1 / 255 + 1e-6  # 8-bit PNG rounding only
 
 
-def test_target_bpp_stays_under_budget(files):
+def test_target_bpp_stays_under_budget(files, capsys):
     roic = files["root"] / "budget.roic"
-    proc = roicodec("compress", files["image"], "--checkpoint", files["ckpt"], "--target-bpp", "2.0",
+    proc = roicodec_in_process(capsys, "compress", files["image"], "--checkpoint", files["ckpt"], "--target-bpp", "2.0",
                     "-o", roic)
     assert proc.returncode == 0, proc.stderr
     assert 8 * roic.stat().st_size / (45 * 67) <= 2.0

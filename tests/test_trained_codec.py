@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.codec.coding import decode, encode
+from pipeline.codec.coding import bits_per_pixel, decode, encode, encode_at_target_bpp
 from pipeline.eval.metrics import roi_psnr
 from pipeline.train.loss import bits_per_pixel as estimated_bpp
 
@@ -35,25 +35,26 @@ def test_rate_knob_orders_file_sizes(trained):
 
 @pytest.mark.parametrize("rate", [0.3, 0.7])
 def test_lower_roi_quality_moves_bits_into_the_roi(trained, rate):
-    """Same model, same rate: --roi-quality 0.1 instead of 1 raises ROI PSNR, lowers non-ROI
-    PSNR and keeps the file size about the same (bits move, they are not just added).
+    """Same model, same file size: --roi-quality 0.1 instead of 1 raises ROI PSNR and lowers
+    non-ROI PSNR (bits move into the ROI, they are not just added or removed).
 
-    A tiny model trained for 1500 steps is noisy image by image, so the claim is checked on
-    the mean over 8 images (on 3 training seeds the means were +0.2..0.5 dB ROI and
-    -0.3..-0.6 dB non-ROI).
+    The uniform file is encoded at ``rate``; the focused one at the rate whose file is the
+    largest not above the uniform file's size (``--target-bpp``). A tiny model trained for
+    1000 steps is noisy image by image, so the claim is checked on the mean over 8 images
+    (seen: ROI +0.34 / +0.40 dB, non-ROI -0.39 / -0.36 dB at rate 0.3 / 0.7).
     """
     model = trained("sft")
     roi_gain, nonroi_loss, size_ratio = [], [], []
     for seed in IMAGES:
         x, m = image_and_mask(256, 256, seed=seed, n_objects=3)
-        uniform, focused = encode(model, x, m, 1.0, rate), encode(model, x, m, 0.1, rate)
+        uniform = encode(model, x, m, 1.0, rate)
+        focused, _ = encode_at_target_bpp(model, x, m, 0.1, bits_per_pixel(uniform, 256, 256))
         roi_u, non_u = roi_psnr(x, decode(model, uniform), m)
         roi_f, non_f = roi_psnr(x, decode(model, focused), m)
         roi_gain.append(roi_f - roi_u)
         nonroi_loss.append(non_u - non_f)
         size_ratio.append(len(focused) / len(uniform))
     mean = lambda v: sum(v) / len(v)  # noqa: E731
-    # seen with the 1000-step fixture: ROI +0.40 dB, non-ROI -0.80..0.86 dB, size ratio 1.01..1.02
-    assert mean(roi_gain) > 0.05, roi_gain
-    assert mean(nonroi_loss) > 0.05, nonroi_loss
-    assert 0.9 < mean(size_ratio) < 1.1, size_ratio
+    assert mean(roi_gain) > 0.15, roi_gain
+    assert mean(nonroi_loss) > 0.15, nonroi_loss
+    assert 0.9 < mean(size_ratio) <= 1.0, size_ratio

@@ -17,15 +17,21 @@ RateLike = float | torch.Tensor
 
 
 def pool_mask(mask: torch.Tensor, size: tuple[int, int], smooth_kernel: int = 1) -> torch.Tensor:
-    """Average-pool a (B,1,H,W) mask to ``size``, then smooth it with a ``smooth_kernel`` box.
+    """The ROI map of a (B,1,H,W) mask on a latent grid of ``size``, smoothed by average pooling.
 
-    Average pooling keeps soft ROI borders instead of hard block edges; the extra box
-    filter (same-size output, borders averaged over valid pixels only) widens them.
+    A latent cell takes the largest mask value of the pixels it covers (max pooling): the
+    cell decodes those pixels, so an object smaller than the 16-pixel stride (a face in a
+    crowd, a licence plate) keeps its full ROI value instead of being averaged away with
+    the background around it. The map is then smoothed by a ``smooth_kernel`` box average
+    (same-size output, borders averaged over valid cells only) that only ever raises a
+    cell: ROI cells stay ROI, and their neighbours get a soft transition instead of a hard
+    block edge.
     """
-    pooled = F.adaptive_avg_pool2d(mask, size)
+    pooled = F.adaptive_max_pool2d(mask, size)
     if smooth_kernel > 1:
-        pooled = F.avg_pool2d(pooled, smooth_kernel, stride=1, padding=smooth_kernel // 2,
+        smooth = F.avg_pool2d(pooled, smooth_kernel, stride=1, padding=smooth_kernel // 2,
                               count_include_pad=False)
+        pooled = torch.maximum(pooled, smooth)
     return pooled
 
 
@@ -109,13 +115,19 @@ class MaskImageCondition(nn.Module):
 class LatentMaskAttention(nn.Module):
     """Latent mask attention: fuse a mask embedding with an importance map predicted from y.
 
-    ``a = 2 * sigmoid(embed(mask) + importance(y))`` rescales every latent element;
-    both branches start at zero, so the untrained block leaves y unchanged (a = 1).
+    ``a = 2 * sigmoid(prior(RM) + embed(RM) + importance(y))`` rescales every latent
+    element, RM being the mask's ROI map on y's grid (:func:`pool_mask`). The learned
+    branches start at zero; the fixed prior makes the untrained block the TLIC scaling
+    ``a = (RM + alpha) / (1 + alpha)`` (1 in the ROI, ``alpha / (1 + alpha)`` where the
+    mask is 0), so a lower non-ROI value costs the background bits from the first step
+    and training refines the allocation. ``prior_alpha=None`` drops the prior (a = 1).
     """
 
-    def __init__(self, channels: int, hidden: int = 32, smooth_kernel: int = 3) -> None:
+    def __init__(self, channels: int, hidden: int = 32, smooth_kernel: int = 3,
+                 prior_alpha: float | None = 0.1) -> None:
         super().__init__()
         self.smooth_kernel = smooth_kernel
+        self.prior_alpha = prior_alpha
         self.embed = nn.Sequential(conv(1, hidden, 3, 1), nn.LeakyReLU(inplace=True),
                                    conv(hidden, channels, 1, 1))
         self.importance = conv(channels, channels, 1, 1)
@@ -123,6 +135,14 @@ class LatentMaskAttention(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def prior(self, roi_map: torch.Tensor) -> torch.Tensor:
+        """The logit whose ``2 * sigmoid`` is ``(RM + alpha) / (1 + alpha)`` (0 without a prior)."""
+        if self.prior_alpha is None:
+            return torch.zeros_like(roi_map)
+        half_scale = (roi_map + self.prior_alpha) / (2.0 * (1.0 + self.prior_alpha))
+        return torch.logit(half_scale)
+
     def forward(self, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        pooled = pool_mask(mask, y.shape[-2:], self.smooth_kernel)
-        return y * 2 * torch.sigmoid(self.embed(pooled) + self.importance(y))
+        roi_map = pool_mask(mask, y.shape[-2:], self.smooth_kernel)
+        logits = self.prior(roi_map) + self.embed(roi_map) + self.importance(y)
+        return y * 2 * torch.sigmoid(logits)

@@ -14,8 +14,9 @@ module turns them into Ray Datasets of fixed-size crops for Ray Train:
 - **size**: an image smaller than the crop on either side is upscaled (bicubic; its
   mask bilinearly) until both sides reach the crop, keeping its aspect ratio. No
   padding, so a crop never contains made-up borders.
-- **train crops**: ``crops_per_image`` uniformly random windows per row (the same
-  window for image and mask) with a random horizontal flip, drawn afresh every epoch
+- **train crops**: ``crops_per_image`` random windows per row (the same window for
+  image and mask; uniform, or for a share ``roi_crop_fraction`` centred on a random ROI
+  pixel, so small objects are seen often enough) with a random horizontal flip, drawn afresh every epoch
   (each epoch re-runs the map, so crops differ between epochs). A map task decodes
   its rows once and yields their crops in shuffled rounds (bounded memory), and the
   training loop adds a local shuffle buffer, so a batch mixes images. ``None`` (auto) draws enough crops per row for one epoch to cover
@@ -168,14 +169,29 @@ def _to_chw(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.ascontiguousarray(image.transpose(2, 0, 1)), m8[None]
 
 
+def _roi_window(mask: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[int, int] | None:
+    """A window centred on a random ROI pixel (mask >= 0.5), clamped to the image; None without ROI."""
+    ys, xs = np.nonzero(mask >= 0.5)
+    if len(ys) == 0:
+        return None
+    k = int(rng.integers(len(ys)))
+    h, w = mask.shape
+    return (min(max(int(ys[k]) - crop // 2, 0), h - crop), min(max(int(xs[k]) - crop // 2, 0), w - crop))
+
+
 def random_crops(image: np.ndarray, mask: np.ndarray, crop: int, n: int, rng: np.random.Generator,
-                 flip: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``n`` random (image CHW uint8, mask 1HW uint8) crops; the same window for both."""
+                 flip: bool = True, roi_fraction: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n`` random (image CHW uint8, mask 1HW uint8) crops; the same window for both.
+
+    A share ``roi_fraction`` of the windows is centred on a random ROI pixel (where the
+    mask has one): with small objects, uniform windows would rarely show the ROI.
+    """
     image, mask = fit_to_crop(image, mask, crop)
     h, w = image.shape[:2]
     out = []
     for _ in range(n):
-        top, left = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+        window = _roi_window(mask, crop, rng) if roi_fraction > 0 and rng.random() < roi_fraction else None
+        top, left = window or (int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1)))
         x = image[top:top + crop, left:left + crop]
         m = mask[top:top + crop, left:left + crop]
         if flip and rng.random() < 0.5:
@@ -239,7 +255,7 @@ def rows_to_crops(batch: pa.Table, *, split: str, val_ids: frozenset[str] | Sequ
 
 
 def train_crops_map(batch: pa.Table, *, val_ids: frozenset[str] | Sequence[str], crop: int,
-                    crops_per_image: int = 1, saliency_weight: float = 0.0,
+                    crops_per_image: int = 1, saliency_weight: float = 0.0, roi_crop_fraction: float = 0.0,
                     chunk: int = 64) -> Iterable[dict[str, np.ndarray]]:
     """The Ray Data training map (a generator): each row decoded once, then its
     ``crops_per_image`` random crops drawn in rounds across all rows of the batch and
@@ -254,7 +270,8 @@ def train_crops_map(batch: pa.Table, *, val_ids: frozenset[str] | Sequence[str],
     remaining = crops_per_image
     while remaining > 0:
         k = min(per_round, remaining)
-        pairs = [c for rgb, mask in rows for c in random_crops(rgb, mask, crop, k, rng)]
+        pairs = [c for rgb, mask in rows for c in random_crops(rgb, mask, crop, k, rng,
+                                                                 roi_fraction=roi_crop_fraction)]
         order = rng.permutation(len(pairs))
         yield _stack([pairs[i] for i in order], crop)
         remaining -= k
@@ -321,13 +338,15 @@ def plan_shards(shards: str | Path | Sequence[str | Path], val_fraction: float =
 
 def training_datasets(shards: str | Path | Sequence[str | Path] | ShardPlan, *, crop: int = 256,
                       val_crop: int = 256, val_fraction: float = 0.1, crops_per_image: int | None = 1,
-                      saliency_weight: float = 0.0, max_val_samples: int | None = 16, rows_per_task: int = 8,
+                      saliency_weight: float = 0.0, roi_crop_fraction: float = 0.0,
+                      max_val_samples: int | None = 16, rows_per_task: int = 8,
                       global_batch: int = 8, steps: int = 1000, quiet: bool = True) -> TrainingData:
     """A lazy Ray Dataset of training crops, and the validation crops, from the shards.
 
     The driver reads only the id/mask-presence/error columns (to fix the split and
     count rows, :func:`plan_shards`; pass its plan to skip that here); the pixels are
     read and cropped by Ray Data tasks as the training loop consumes them.
+    ``roi_crop_fraction`` of the training windows are centred on the ROI (see :func:`random_crops`).
     ``crops_per_image=None`` is the automatic choice (see the module docstring;
     ``global_batch`` is the batch summed over workers, ``steps`` the run's length). ``max_val_samples`` caps the
     validation rows (the first ones in shard order). ``quiet`` turns off Ray Data's
@@ -346,7 +365,8 @@ def training_datasets(shards: str | Path | Sequence[str | Path] | ShardPlan, *, 
     source = ray.data.read_parquet(plan.files).select_columns(COLUMNS)
     train = source.map_batches(train_crops_map, batch_size=rows_per_task, batch_format="pyarrow",
                                fn_kwargs={"val_ids": plan.val_ids, "saliency_weight": saliency_weight,
-                                          "crop": crop, "crops_per_image": crops_per_image})
+                                          "crop": crop, "crops_per_image": crops_per_image,
+                                          "roi_crop_fraction": roi_crop_fraction})
     if quiet:
         train.context.enable_progress_bars = False
     val = (validation_crops(plan.files, plan.val_ids, val_crop, saliency_weight, max_val_samples)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from pipeline.codec.models import ROICodec
 from pipeline.train.loss import ROIRateDistortionLoss
-from pipeline.train.steps import StepSettings, make_optimizers, train_step
+from pipeline.train.steps import StepSettings, learning_rate, make_optimizers, set_learning_rate, train_step
 
 
 def random_crops(images: torch.Tensor, masks: torch.Tensor, batch: int, crop: int,
@@ -38,9 +38,11 @@ def random_crops(images: torch.Tensor, masks: torch.Tensor, batch: int, crop: in
 def train_local(model: ROICodec, images: torch.Tensor, masks: torch.Tensor, steps: int,
                 batch: int = 8, crop: int = 64, lr: float = 1e-3, aux_lr: float = 1e-2,
                 settings: StepSettings | None = None, loss_fn: ROIRateDistortionLoss | None = None,
-                seed: int = 0, progress: bool = False,
+                lr_drop: float = 0.0, seed: int = 0, progress: bool = False,
                 on_step: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
     """Train ``model`` for ``steps`` steps on random crops; return the per-step metrics.
+
+    The learning rate drops to ``lr / 10`` for the last ``lr_drop`` of the steps.
 
     Leaves the model in eval mode with its entropy-coding tables built.
     """
@@ -54,6 +56,7 @@ def train_local(model: ROICodec, images: torch.Tensor, masks: torch.Tensor, step
     model.train()
     for step in tqdm(range(steps), desc=f"train {model.variant}", disable=not progress):
         x, m = random_crops(images, masks, batch, crop, gen)
+        set_learning_rate(optimizer, learning_rate(step, steps, lr, lr_drop))
         metrics = train_step(model, x.to(device), m.to(device), loss_fn, optimizer, aux_optimizer,
                              settings, rng)
         history.append(metrics)

@@ -1,11 +1,20 @@
 """ROI-weighted rate-distortion loss with a per-pixel lambda map.
 
 ``lambda_i = alpha * exp(omega * m_i)`` where ``m`` is the effective mask (non-ROI
-pixels already set to the user's value Q). With ``normalize=True`` (the default) the
-map is divided by its per-image mean ``exp(omega * m)``, so its mean is ``alpha``:
-the ROI knob then *moves* bits from the background into the ROI at a similar total
-rate instead of only removing background bits. ``alpha`` is the rate point's lambda
-(CompressAI's convention: distortion is ``lambda * 255^2 * MSE``).
+pixels already set to the user's value Q), scaled by one of two normalisations:
+
+- ``"roi"`` (the default): divided by ``exp(omega)``, i.e. ``alpha * exp(-omega (1 - m_i))``.
+  ROI pixels get the rate point's lambda ``alpha`` whatever Q is, and the background
+  ``alpha * exp(-omega (1 - Q))``: the rate sets the ROI's quality and Q how much of it
+  the background keeps (Q = 1 is a plain codec at ``alpha``; Q = 0.1 with omega = 3
+  weighs the background 15x less). At a fixed file size (``--target-bpp``) a lower Q
+  moves bits into the ROI, whatever the ROI's share of the image.
+- ``"mean"``: divided by its per-image mean, so the map's mean is ``alpha`` and Q moves
+  bits at a similar total rate. With a small ROI (a few percent of the pixels) the
+  background's weight then hardly changes with Q, so the knob is weak there.
+
+``alpha`` is the rate point's lambda (CompressAI's convention: distortion is
+``lambda * 255^2 * MSE``).
 """
 
 from __future__ import annotations
@@ -25,12 +34,20 @@ def rate_lambdas(n_rates: int, low: float = 0.0035, high: float = 0.0483) -> lis
     return [low * (high / low) ** (k / (n_rates - 1)) for k in range(n_rates)]
 
 
+NORMALIZATIONS = ("roi", "mean")
+
+
 def lambda_map(mask: torch.Tensor, alpha: float | torch.Tensor, omega: float,
-               normalize: bool = True) -> torch.Tensor:
-    """Per-pixel lambda ``alpha * exp(omega * m)`` (B,1,H,W), optionally mean-normalised."""
-    weights = torch.exp(omega * mask)
-    if normalize:
+               normalize: str = "roi") -> torch.Tensor:
+    """Per-pixel lambda ``alpha * exp(omega * m)`` (B,1,H,W) under a normalisation of
+    :data:`NORMALIZATIONS` (see the module docstring)."""
+    if normalize == "roi":
+        weights = torch.exp(omega * (mask - 1.0))
+    elif normalize == "mean":
+        weights = torch.exp(omega * mask)
         weights = weights / weights.mean(dim=(1, 2, 3), keepdim=True)
+    else:
+        raise ValueError(f"lambda normalisation must be one of {NORMALIZATIONS}, got {normalize!r}")
     if isinstance(alpha, torch.Tensor):
         alpha = alpha.view(-1, 1, 1, 1)
     return alpha * weights
@@ -44,7 +61,7 @@ def bits_per_pixel(likelihoods: dict[str, torch.Tensor], num_pixels: int) -> tor
 class ROIRateDistortionLoss(nn.Module):
     """``bpp + mean_i(lambda_i * 255^2 * mse_i)`` (+ optional weighted MS-SSIM term)."""
 
-    def __init__(self, omega: float = 3.0, normalize: bool = True, ms_ssim_weight: float = 0.0) -> None:
+    def __init__(self, omega: float = 3.0, normalize: str = "roi", ms_ssim_weight: float = 0.0) -> None:
         super().__init__()
         self.omega, self.normalize, self.ms_ssim_weight = omega, normalize, ms_ssim_weight
 

@@ -32,6 +32,20 @@ class StepSettings:
     clip_norm: float = 1.0
 
 
+def learning_rate(step: int, total: int, lr: float, drop_fraction: float) -> float:
+    """The step schedule: ``lr``, then ``lr / 10`` for the last ``drop_fraction`` of ``total`` steps.
+
+    A function of the step alone, so a resumed run picks up the same schedule.
+    """
+    return lr / 10 if step >= total * (1.0 - drop_fraction) else lr
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def sample_knobs(settings: StepSettings, batch: int, rng: random.Random
                  ) -> tuple[int, torch.Tensor]:
     """A random rate point for the batch and a random non-ROI value Q for each image."""

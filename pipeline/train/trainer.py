@@ -50,6 +50,7 @@ from typing import Any, Sequence
 from pipeline.data.dataset import DatasetError, check_crop, plan_shards, training_datasets
 from pipeline.ray_session import ensure_ray
 from pipeline.train import tracking
+from pipeline.train.loss import NORMALIZATIONS
 from pipeline.train.loop import DEFAULT_VAL_POINTS, MODEL_FILE, train_loop_per_worker
 
 DEFAULT_MODEL = {"N": 128, "M": 192, "n_rates": 4}
@@ -103,16 +104,19 @@ class TrainConfig:
     crop: int = 256
     crops_per_image: int | None = None  # None: auto (see pipeline.data.dataset)
     saliency_weight: float = 0.0
+    roi_crop_fraction: float = 0.0  # share of training windows centred on the ROI
     val_crop: int = 256
     val_fraction: float = 0.1
     max_val_samples: int = 16
     val_encode_images: int = 2
     val_points: list[tuple[float, float]] = field(default_factory=lambda: [list(p) for p in DEFAULT_VAL_POINTS])
     lr: float = 1e-4
+    lr_drop: float = 0.1  # the last 10% of the steps run at lr / 10
     aux_lr: float = 1e-3
     lambda_low: float = 0.0035
     lambda_high: float = 0.0483
     omega: float = 3.0
+    lambda_norm: str = "roi"  # see pipeline.train.loss
     ms_ssim_weight: float = 0.0
     checkpoint_every: int = 500
     report_every: int = 10
@@ -168,6 +172,11 @@ class TrainConfig:
             check_crop(c.val_crop, "val_crop")
         except DatasetError as exc:
             raise TrainError(str(exc)) from None
+        if c.lambda_norm not in NORMALIZATIONS:
+            raise TrainError(f"lambda normalisation must be one of {', '.join(NORMALIZATIONS)}, got {c.lambda_norm!r}")
+        for name in ("lr_drop", "roi_crop_fraction"):
+            if not 0 <= getattr(c, name) <= 1:
+                raise TrainError(f"{name} must lie in [0, 1], got {getattr(c, name)}")
         if c.ms_ssim_weight > 0 and c.crop <= 160:
             raise TrainError(f"the MS-SSIM term needs crops larger than 160 px, got {c.crop}")
         for q, r in c.val_points:
@@ -243,7 +252,7 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
     try:
         data = training_datasets(plan, crop=cfg.crop, val_crop=cfg.val_crop, val_fraction=cfg.val_fraction,
                                  crops_per_image=cfg.crops_per_image, saliency_weight=cfg.saliency_weight,
-                                 max_val_samples=cfg.max_val_samples,
+                                 roi_crop_fraction=cfg.roi_crop_fraction, max_val_samples=cfg.max_val_samples,
                                  global_batch=cfg.batch_size * cfg.num_workers, steps=cfg.steps)
     except DatasetError as exc:
         raise TrainError(str(exc)) from None
@@ -359,13 +368,22 @@ def build_parser(variant: str | None = None, description: str | None = None) -> 
     p.add_argument("--M", type=int, dest="m_channels", help="latent channels M (default 192, 24 with --smoke)")
     p.add_argument("--n-rates", type=int, help="trained rate points of the gain units (default 4, 2 with --smoke)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4, 2e-3 with --smoke)")
+    p.add_argument("--lr-drop", type=float, default=0.1,
+                   help="share of the steps, at the end, that run at lr / 10")
     p.add_argument("--aux-lr", type=float, default=1e-3, help="learning rate of the entropy-bottleneck quantiles")
-    p.add_argument("--alpha-low", type=float, default=0.0035, help="lambda of the lowest rate point")
-    p.add_argument("--alpha-high", type=float, default=0.0483, help="lambda of the highest rate point")
+    p.add_argument("--alpha-low", type=float, help="lambda of the lowest rate point (default 0.0035, 0.0483 with "
+                                                   "--smoke: a few steps only show learning at high lambdas)")
+    p.add_argument("--alpha-high", type=float, help="lambda of the highest rate point (default 0.0483, 0.18 with "
+                                                    "--smoke)")
     p.add_argument("--omega", type=float, default=3.0, help="ROI weight: lambda_i = alpha * exp(omega * m_i)")
+    p.add_argument("--lambda-norm", default="roi", choices=NORMALIZATIONS,
+                   help="roi: ROI pixels get alpha, the background alpha * exp(-omega (1 - Q)); mean: the map's "
+                        "mean is alpha (Q moves bits at a similar size)")
     p.add_argument("--ms-ssim-weight", type=float, default=0.0, help="weight of an MS-SSIM term (crops > 160 px)")
     p.add_argument("--saliency-weight", type=float, default=0.0,
                    help="blend saliency into the ROI mask: max(roi, w * saliency)")
+    p.add_argument("--roi-crops", type=float, default=0.0, dest="roi_crop_fraction",
+                   help="share of the training crops centred on the ROI (helps with small objects)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of images held out (by image-id hash)")
     p.add_argument("--val-crop", type=int, help="validation centre-crop side (default 256, 64 with --smoke)")
     p.add_argument("--checkpoint-every", type=int, help="validate + checkpoint every N steps "
@@ -415,9 +433,11 @@ def config_from_args(args: argparse.Namespace, variant: str | None = None) -> Tr
         shards=shards or "", variant=variant, model=model,
         steps=pick(args.steps, 10_000, 80), batch_size=pick(args.batch_size, 8, 4), crop=pick(args.crop, 256, 64),
         crops_per_image=args.crops_per_image, saliency_weight=args.saliency_weight,
+        roi_crop_fraction=args.roi_crop_fraction, lr_drop=args.lr_drop, lambda_norm=args.lambda_norm,
         val_crop=pick(args.val_crop, 256, 64), val_fraction=args.val_fraction,
         max_val_samples=4 if smoke else 16, val_encode_images=1 if smoke else 2,
-        lr=pick(args.lr, 1e-4, 2e-3), aux_lr=args.aux_lr, lambda_low=args.alpha_low, lambda_high=args.alpha_high,
+        lr=pick(args.lr, 1e-4, 2e-3), aux_lr=args.aux_lr, lambda_low=pick(args.alpha_low, 0.0035, 0.0483),
+        lambda_high=pick(args.alpha_high, 0.0483, 0.18),
         omega=args.omega, ms_ssim_weight=args.ms_ssim_weight,
         checkpoint_every=pick(args.checkpoint_every, 500, 20), report_every=args.report_every, keep=args.keep,
         num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
