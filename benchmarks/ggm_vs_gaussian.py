@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         model = build_model(variant, N=args.N, M=args.M, n_rates=3).to(args.device)
         t0 = time.perf_counter()
-        train_local(model, train_x, train_m, steps=args.steps, batch=8, crop=min(128, args.size), lr=1e-3, seed=0)
+        train_local(model, train_x, train_m, steps=args.steps, batch=8, crop=min(128, args.size), lr=1e-3, seed=0,
+                    progress=True)
         out["train_s"][variant] = round(time.perf_counter() - t0, 1)
         model = model.cpu()
         model.update(force=True)  # tables for CPU coding
