@@ -142,7 +142,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant:
         _stage(3, f"training a small {variant} codec with Ray Train ({steps} steps, CPU)")
         outcome = train(TrainConfig(
             shards=str(paths.shards), variant=variant, model=dict(model or DEFAULT_MODEL), steps=steps,
-            # 64 px crops (4x cheaper than 128, so 4x the steps in the same minutes), half of them
+            # 64 px crops (a quarter of the cost of 128 px ones per step), half of them
             # centred on an object (the objects are small), the last 20% of the steps at lr / 10
             batch_size=8, crop=64, val_crop=128, roi_crop_fraction=0.5, lr=lr, lr_drop=0.2, aux_lr=1e-2,
             checkpoint_every=max(steps // 3, 1),

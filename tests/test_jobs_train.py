@@ -36,7 +36,8 @@ def test_help_explains_the_options(capsys, monkeypatch):
     res = _run_in_process(capsys, monkeypatch, "jobs/train.py", "--help")
     assert res.returncode == 0
     for opt in ("--variant", "--shards", "--num-workers", "--use-gpu", "--steps", "--batch-size", "--crop", "--lr",
-                "--alpha-low", "--alpha-high", "--omega", "--ms-ssim-weight", "--checkpoint-every", "--keep",
+                "--alpha-low", "--alpha-high", "--omega", "--lambda-norm", "--roi-crops", "--lr-drop",
+                "--ms-ssim-weight", "--checkpoint-every", "--keep",
                 "--max-failures", "--run-name", "--storage-path", "--mlflow-uri", "--experiment", "--smoke"):
         assert opt in res.stdout
     ggm = _run_in_process(capsys, monkeypatch, "jobs/train_ggm.py", "--help")
