@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.codec.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from pipeline.codec.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
 from pipeline.codec.coding import decode, encode
 from pipeline.codec.layers import GainUnits
 from pipeline.codec.models import MODELS, build_model, pad_to_multiple
@@ -85,3 +85,12 @@ def test_checkpoint_round_trip_keeps_fingerprint_and_decodes(untrained, variant,
     assert loaded.variant == variant and loaded.config == model.config
     assert fingerprint(loaded) == fingerprint(model)
     assert torch.equal(decode(loaded, data), decode(model, data))
+
+
+def test_checkpoint_of_another_layout_is_a_clear_error(untrained, tmp_path):
+    path = save_checkpoint(untrained["sft"], tmp_path / "old.pt")
+    blob = torch.load(path, weights_only=True)
+    blob["state_dict"]["enc_sfts.2.gamma.weight"] = torch.zeros(8, 8, 1, 1)  # e.g. an older SFT layout
+    torch.save(blob, path)
+    with pytest.raises(CheckpointError, match="does not fit this version's sft model.*enc_sfts.2.gamma.weight"):
+        load_checkpoint(path)

@@ -54,7 +54,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a roicodec checkpoint")
     model = build_model(blob["variant"], **blob["config"])
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as exc:  # missing/unexpected keys or shapes: another layout of the variant
+        problem = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise CheckpointError(f"{path} does not fit this version's {blob['variant']} model "
+                              f"(saved by an older layout?): {problem}") from None
     model.update(force=True)
     return model.eval()
 
