@@ -57,7 +57,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:  # missing/unexpected keys or shapes: another layout of the variant
-        problem = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        lines = str(exc).splitlines()  # "Error(s) in loading state_dict ...:" then the problems
+        problem = lines[1].strip() if len(lines) > 1 else lines[0]
         raise CheckpointError(f"{path} does not fit this version's {blob['variant']} model "
                               f"(saved by an older layout?): {problem}") from None
     model.update(force=True)

@@ -169,13 +169,15 @@ def _to_chw(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.ascontiguousarray(image.transpose(2, 0, 1)), m8[None]
 
 
-def _roi_window(mask: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[int, int] | None:
-    """A window centred on a random ROI pixel (mask >= 0.5), clamped to the image; None without ROI."""
-    ys, xs = np.nonzero(mask >= 0.5)
+def _roi_window(roi_pixels: tuple[np.ndarray, np.ndarray], shape: tuple[int, int], crop: int,
+                rng: np.random.Generator) -> tuple[int, int] | None:
+    """A window centred on a random one of ``roi_pixels`` (``np.nonzero`` of the ROI), clamped
+    to an image of ``shape``; None without ROI pixels."""
+    ys, xs = roi_pixels
     if len(ys) == 0:
         return None
     k = int(rng.integers(len(ys)))
-    h, w = mask.shape
+    h, w = shape
     return (min(max(int(ys[k]) - crop // 2, 0), h - crop), min(max(int(xs[k]) - crop // 2, 0), w - crop))
 
 
@@ -188,9 +190,11 @@ def random_crops(image: np.ndarray, mask: np.ndarray, crop: int, n: int, rng: np
     """
     image, mask = fit_to_crop(image, mask, crop)
     h, w = image.shape[:2]
+    roi_pixels = np.nonzero(mask >= 0.5) if roi_fraction > 0 else None  # once per image, not per window
     out = []
     for _ in range(n):
-        window = _roi_window(mask, crop, rng) if roi_fraction > 0 and rng.random() < roi_fraction else None
+        window = (_roi_window(roi_pixels, (h, w), crop, rng)
+                  if roi_pixels is not None and rng.random() < roi_fraction else None)
         top, left = window or (int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1)))
         x = image[top:top + crop, left:left + crop]
         m = mask[top:top + crop, left:left + crop]

@@ -275,7 +275,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         aux_optimizer.load_state_dict(state["aux_optimizer"])
     settings = StepSettings(n_rates=codec.n_rates, lambda_low=config["lambda_low"],
                             lambda_high=config["lambda_high"])
-    loss_fn = ROIRateDistortionLoss(omega=config["omega"], normalize=config.get("lambda_norm", "roi"),
+    loss_fn = ROIRateDistortionLoss(omega=config["omega"], normalize=config["lambda_norm"],
                                     ms_ssim_weight=config["ms_ssim_weight"])
     # Knob sampling: a different stream per worker and per (re)start point.
     rng = random.Random(hash((config["seed"], rank, start_step)) & 0xFFFFFFFF)
@@ -344,7 +344,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             Path(marker).write_text(f"failed once at step {step}\n")
             os._exit(1)
         x, m = next(batches)
-        set_learning_rate(optimizer, learning_rate(step, total, config["lr"], config.get("lr_drop", 0.0)))
+        set_learning_rate(optimizer, learning_rate(step, total, config["lr"], config["lr_drop"]))
         metrics = train_step(net, x, m, loss_fn, optimizer, aux_optimizer, settings, rng, amp=amp)
         done = step + 1
         if record_times:
