@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,19 @@ TINY_CLIP = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 VARIANTS = ["tlic", "sft", "tma", "ggm"]
+
+
+def run_job_script(script: Path, args: list[str]) -> int:
+    """Run a job script as ``python script args`` in this process; return its exit code."""
+    saved = sys.argv, list(sys.path)  # the scripts put the checkout first on sys.path
+    sys.argv = [str(script), *args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        sys.argv, sys.path[:] = saved
+    return 0
 
 
 def image_and_mask(height: int, width: int, seed: int, n_objects: int | None = None

@@ -19,7 +19,6 @@ import copy
 import json
 import os
 import re
-import runpy
 import shlex
 import shutil
 import subprocess
@@ -30,6 +29,8 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+
+from conftest import run_job_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -178,19 +179,6 @@ def _entrypoint(name: str) -> tuple[Path, list[str], dict]:
     return script, argv[2:], _runtime_env(doc)
 
 
-def _run_script(script: Path, args: list[str]) -> int:
-    """Run a job script as ``python script args`` in this process; return its exit code."""
-    saved = sys.argv, list(sys.path)  # the scripts put the checkout first on sys.path
-    sys.argv = [str(script), *args]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    finally:
-        sys.argv, sys.path[:] = saved
-    return 0
-
-
 def test_preprocess_entrypoint_is_accepted_by_the_job(monkeypatch):
     import pipeline.data.preprocess as pre
 
@@ -202,7 +190,7 @@ def test_preprocess_entrypoint_is_accepted_by_the_job(monkeypatch):
         return {"rows_written": 0}
 
     monkeypatch.setattr(pre, "preprocess", record)
-    assert _run_script(script, args) == 0
+    assert run_job_script(script, args) == 0
     storage = env["env_vars"]["ROICODEC_STORAGE"]
     assert seen["output"] == f"{storage}/shards"  # shards under the one storage setting
     assert seen["input"].startswith(storage + "/")
@@ -212,7 +200,7 @@ def test_preprocess_entrypoint_is_accepted_by_the_job(monkeypatch):
            if "nvidia.com/gpu" in _containers(g)[0]["resources"]["limits"]]
     assert sum(g["minReplicas"] for g in gpu) >= seen["num_text_actors"]
 
-    assert _run_script(script, [*args, "--no-such-option"]) == 2  # the same parser rejects what it should
+    assert run_job_script(script, [*args, "--no-such-option"]) == 2  # the same parser rejects what it should
 
 
 def test_train_entrypoint_is_accepted_by_the_job(monkeypatch):
@@ -229,7 +217,7 @@ def test_train_entrypoint_is_accepted_by_the_job(monkeypatch):
     for key, value in env["env_vars"].items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert _run_script(script, args) == 2  # parsed, config built, stopped at train()
+    assert run_job_script(script, args) == 2  # parsed, config built, stopped at train()
     cfg = seen["cfg"].resolved()
     storage = env["env_vars"]["ROICODEC_STORAGE"]
     assert cfg.variant == "ggm" and cfg.use_gpu and cfg.num_workers >= 2

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+
+from conftest import run_job_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,35 +21,30 @@ def _run(*args: str, timeout: float = 60, env: dict | None = None) -> subprocess
                           env={**os.environ, **(env or {})})
 
 
-def _run_in_process(capsys, monkeypatch, script: str, *args: str) -> subprocess.CompletedProcess:
+def _run_in_process(capsys, script: str, *args: str) -> subprocess.CompletedProcess:
     """A job script run as ``__main__`` in this process (no interpreter start-up)."""
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
+    code = run_job_script(ROOT / script, list(args))
     out = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
-def test_help_explains_the_options(capsys, monkeypatch):
-    res = _run_in_process(capsys, monkeypatch, "jobs/train.py", "--help")
+def test_help_explains_the_options(capsys):
+    res = _run_in_process(capsys, "jobs/train.py", "--help")
     assert res.returncode == 0
     for opt in ("--variant", "--shards", "--num-workers", "--use-gpu", "--steps", "--batch-size", "--crop", "--lr",
                 "--alpha-low", "--alpha-high", "--omega", "--lambda-norm", "--roi-crops", "--lr-drop",
                 "--ms-ssim-weight", "--checkpoint-every", "--keep",
                 "--max-failures", "--run-name", "--storage-path", "--mlflow-uri", "--experiment", "--smoke"):
         assert opt in res.stdout
-    ggm = _run_in_process(capsys, monkeypatch, "jobs/train_ggm.py", "--help")
+    ggm = _run_in_process(capsys, "jobs/train_ggm.py", "--help")
     assert ggm.returncode == 0 and "--variant" not in ggm.stdout
 
 
-def test_bad_input_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     res = _run("jobs/train.py", "--shards", str(tmp_path / "nowhere"), "--storage-path", str(tmp_path))
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith("error:")
-    res = _run_in_process(capsys, monkeypatch, "jobs/train.py", "--smoke", "--crop", "100",
+    res = _run_in_process(capsys, "jobs/train.py", "--smoke", "--crop", "100",
                           "--storage-path", str(tmp_path))
     assert res.returncode == 2 and "multiple of 64" in res.stderr
 
