@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for tests and demos without weights")
     p.add_argument("--clip-download", action="store_true", help="allow downloading missing CLIP weights")
     p.add_argument("--clip-input-size", type=int, default=None, help="CLIP input side in pixels (default: the model's)")
+    p.add_argument("--combine-prompts", action="store_true",
+                   help="one row per image whose mask is the union of its prompts' masks (default: one row per "
+                        "prompt)")
     p.add_argument("--no-saliency", dest="saliency", action="store_false", help="do not compute saliency maps")
     p.add_argument("--saliency-model", default=DEFAULT_SALIENCY_MODEL, choices=saliency_models(),
                    help="saliency algorithm (default: %(default)s)")
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             num_text_actors=args.text_actors, text_actor_cpus=args.text_actor_cpus, use_gpu=args.use_gpu,
             batch_size=args.batch_size, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
             clip_config=args.clip_config, clip_download=args.clip_download,
-            clip_input_size=args.clip_input_size, max_side=args.max_side, limit=args.limit)
+            clip_input_size=args.clip_input_size, max_side=args.max_side, limit=args.limit,
+            combine_prompts=args.combine_prompts)
     except (PreprocessError, MaskError) as exc:
         print(f"preprocess_masks: error: {exc}", file=sys.stderr)
         return 1

@@ -14,9 +14,10 @@ pytestmark = pytest.mark.slow
 def test_demo_runs_every_stage_and_is_safe_to_run_twice(tmp_path):
     tiny = dict(steps=4, n_train=6, n_eval=2, size=96, model={"N": 16, "M": 24, "n_rates": 2})
     first = run_demo(tmp_path, **tiny)
-    rows = first["preprocess"]["rows_written"]  # one row per image and annotated category
-    assert rows >= 6 and first["preprocess"]["error_rows"] == 0
-    assert first["train"]["metrics"]["step"] == 4
+    rows = first["preprocess"]["rows_written"]  # one row per image, all its objects as the ROI
+    assert rows == 6 and first["preprocess"]["error_rows"] == 0
+    # both stages: 2 steps on 64 px crops, then the same run resumed for 2 on larger crops
+    assert first["train"]["metrics"]["step"] == 4 and first["train"]["metrics"]["start_step"] == 2
     assert (tmp_path / "summary.json").is_file()
     assert [r["rate"] for r in first["vs_jpeg"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
     for row in first["vs_jpeg"]:

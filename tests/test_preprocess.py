@@ -134,6 +134,19 @@ def test_coco_root_saliency_only_and_job_script(tmp_path, capsys):
         np.testing.assert_array_equal(roi, coco.mask(coco.image_id(row["image_id"]), [row["prompt"]]))
         assert sal.shape == roi.shape
 
+    # --combine-prompts: one row per image, the union of its categories' masks
+    combined = preprocess(samples.root, tmp_path / "union", rows_per_shard=4, saliency=False,
+                          combine_prompts=True)
+    rows = read_shards(tmp_path / "union").to_pylist()
+    assert combined["rows_written"] == len(rows) == len(coco.images())
+    for row in rows:
+        image_id = coco.image_id(row["image_id"])
+        assert row["prompt"] == " + ".join(coco.categories_in(image_id))
+        np.testing.assert_array_equal(decode_masks(row)[0], coco.mask(image_id))
+    assert any(" + " in row["prompt"] for row in rows)  # some image has several categories
+    again = preprocess(samples.root, tmp_path / "union", rows_per_shard=4, saliency=False, combine_prompts=True)
+    assert again["rows_written"] == 0 and again["skipped_keys"] == len(rows)
+
     # the job script: saliency only (no prompts, no annotations) -> one null-prompt row per image
     argv = ["--input", str(samples.images_dir), "--output", str(tmp_path / "sal"), "--rows-per-shard", "2", "-q"]
     assert job_main(argv) == 0

@@ -15,7 +15,10 @@ Stages (Ray Data, streaming):
    atomically under a name unique to the run.
 
 Masks are stored at the original image size (width/height columns), upsampled from
-the computation size. Rows are keyed by (image_id, prompt); keys already in the output
+the computation size. With ``combine_prompts`` an image gets one row instead, whose
+mask is the union (pixelwise max) of its prompts' masks and whose prompt is the prompts
+joined by :data:`COMBINED_SEPARATOR` (e.g. every annotated object of a COCO image as
+one ROI). Rows are keyed by (image_id, prompt); keys already in the output
 are skipped, so a re-run adds nothing and an interrupted run resumes with only the
 missing work. A file that cannot be decoded gives one error row per key (per prompt),
 so its keys count as done too; delete its rows' shard to retry it.
@@ -46,7 +49,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.shards import SHARD_SCHEMA, existing_keys, shard_name, write_shard
 from pipeline.masks.coco import CocoMasks
-from pipeline.masks.ops import resize, to_png, to_rgb_array
+from pipeline.masks.ops import combine, from_png, resize, to_png, to_rgb_array
 from pipeline.masks.saliency import DEFAULT_SALIENCY_MODEL, get_saliency_model
 from pipeline.masks.text import (DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, TextMasker, load_clip_config,
                                  plan_clip_load)
@@ -55,6 +58,7 @@ from pipeline.ray_session import ensure_ray
 log = logging.getLogger(__name__)
 
 ROI_SOURCES = ("clip", "coco", "saliency")
+COMBINED_SEPARATOR = " + "  # joins an image's prompts into one row's prompt (combine_prompts)
 
 _DECODED_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("uri", pa.string()), ("prompts", pa.string()),  # prompts: JSON list
@@ -131,17 +135,29 @@ def _pixels(row: dict[str, Any]) -> np.ndarray:
 MasksFn = Callable[[list[dict[str, Any]]], list[list[bytes]]]
 
 
-def _expand(rows: list[dict[str, Any]], masks_fn: MasksFn, source: str) -> pa.Table:
-    """One output row per (image, prompt); ``masks_fn`` gives the good images' ROI PNGs per prompt."""
+def combined_prompt(prompts: Sequence[str | None]) -> str | None:
+    """The one prompt (shard key) of an image's prompts under ``combine_prompts``."""
+    named = [p for p in prompts if p is not None]
+    return COMBINED_SEPARATOR.join(named) if named else None
+
+
+def _expand(rows: list[dict[str, Any]], masks_fn: MasksFn, source: str, combine_prompts: bool = False) -> pa.Table:
+    """One output row per (image, prompt), or per image with ``combine_prompts`` (the union
+    of its prompts' masks); ``masks_fn`` gives the good images' ROI PNGs per prompt."""
     for row in rows:
         row["prompts"] = json.loads(row["prompts"])
     good = [r for r in rows if r["error"] is None]
     pngs = dict(zip((r["image_id"] for r in good), masks_fn(good))) if good else {}
     out = []
     for r in rows:
-        for j, prompt in enumerate(r["prompts"]):
+        masks = [None] * len(r["prompts"]) if r["error"] else pngs[r["image_id"]]
+        pairs = list(zip(r["prompts"], masks))
+        if combine_prompts and len(pairs) > 1:
+            union = None if r["error"] else to_png(combine([from_png(m) for m in masks]))
+            pairs = [(combined_prompt(r["prompts"]), union)]
+        for prompt, mask in pairs:
             out.append({"image_id": r["image_id"], "uri": r["uri"], "width": r["width"], "height": r["height"],
-                        "prompt": prompt, "roi_mask": None if r["error"] else pngs[r["image_id"]][j],
+                        "prompt": prompt, "roi_mask": mask,
                         "saliency": r["saliency"], "mask_source": source, "error": r["error"]})
     return pa.Table.from_pylist(out, schema=SHARD_SCHEMA)
 
@@ -153,7 +169,8 @@ def _zeros_png(row: dict[str, Any]) -> bytes:
 class TextMaskStage:
     """Actor: loads the CLIP model once, then turns decoded images into text-mask rows."""
 
-    def __init__(self, clip: dict[str, Any], threads: int | None) -> None:
+    def __init__(self, clip: dict[str, Any], threads: int | None, combine_prompts: bool = False) -> None:
+        self.combine_prompts = combine_prompts
         if threads:
             import torch
 
@@ -168,14 +185,15 @@ class TextMaskStage:
                  for p in r["prompts"]] for i, r in enumerate(rows)]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _expand(batch.to_pylist(), self._masks, "clip")
+        return _expand(batch.to_pylist(), self._masks, "clip", self.combine_prompts)
 
 
 class CocoMaskStage:
     """Actor: loads the annotation file once, then draws ground-truth rows."""
 
-    def __init__(self, annotations: str) -> None:
+    def __init__(self, annotations: str, combine_prompts: bool = False) -> None:
         self.coco = CocoMasks(annotations)
+        self.combine_prompts = combine_prompts
 
     def _masks(self, rows: list[dict[str, Any]]) -> list[list[bytes]]:
         out = []
@@ -186,7 +204,7 @@ class CocoMaskStage:
         return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _expand(batch.to_pylist(), self._masks, "coco")
+        return _expand(batch.to_pylist(), self._masks, "coco", self.combine_prompts)
 
 
 def saliency_rows(batch: pa.Table) -> pa.Table:
@@ -212,7 +230,7 @@ def preprocess(input: str | Path, output: str | Path, *, prompts: Sequence[str] 
                use_gpu: bool | None = None, batch_size: int = 16, clip_model: str = DEFAULT_CLIP_MODEL,
                clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED, clip_config: str | Path | None = None,
                clip_download: bool = False, clip_input_size: int | None = None, max_side: int = 1024,
-               limit: int | None = None, run_id: str | None = None) -> dict[str, Any]:
+               limit: int | None = None, run_id: str | None = None, combine_prompts: bool = False) -> dict[str, Any]:
     """Compute ROI masks (+ saliency maps) for a folder or COCO root and append them as Parquet shards.
 
     ``input`` is an image folder (every non-hidden file under it is an input; ones that
@@ -222,6 +240,7 @@ def preprocess(input: str | Path, output: str | Path, *, prompts: Sequence[str] 
     cluster has them, one per text actor. ``text_actor_cpus`` defaults to 1 with GPUs,
     else to this machine's cores shared among the text actors (also their torch thread
     count). Actor settings the cluster cannot fit now fail at once rather than hang.
+    ``combine_prompts`` writes one row per image with the union of its prompts' masks.
     Returns a summary: rows written, error rows, keys skipped, images/s, ...
     """
     t_start = time.perf_counter()
@@ -263,9 +282,11 @@ def preprocess(input: str | Path, output: str | Path, *, prompts: Sequence[str] 
     done = existing_keys(output)
     items, skipped = [], 0
     for image_id, path, image_prompts in listing:
-        pending = [p for p in image_prompts if (image_id, p) not in done]
-        skipped += len(image_prompts) - len(pending)
-        if pending:
+        keys = [combined_prompt(image_prompts)] if combine_prompts else image_prompts
+        pending_keys = [k for k in keys if (image_id, k) not in done]
+        skipped += len(keys) - len(pending_keys)
+        pending = image_prompts if combine_prompts else pending_keys
+        if pending_keys:
             items.append({"image_id": image_id, "uri": str(path), "prompts": json.dumps(pending)})
     run_id = run_id or f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     summary: dict[str, Any] = {"run_id": run_id, "output": str(output), "roi_source": roi_source,
@@ -302,11 +323,13 @@ def preprocess(input: str | Path, output: str | Path, *, prompts: Sequence[str] 
         ds = ds.map_batches(decode_batch, fn_kwargs={"max_side": max_side, "saliency_model": saliency_name},
                             batch_size=batch_size, batch_format="pyarrow", num_cpus=1)
         if roi_source == "clip":
-            ds = ds.map_batches(TextMaskStage, fn_constructor_kwargs={"clip": clip, "threads": max(1, int(cpus))},
+            ds = ds.map_batches(TextMaskStage, fn_constructor_kwargs={"clip": clip, "threads": max(1, int(cpus)),
+                                                                      "combine_prompts": combine_prompts},
                                 compute=ray.data.ActorPoolStrategy(size=num_text_actors), batch_size=batch_size,
                                 batch_format="pyarrow", num_cpus=cpus, num_gpus=1 if gpus else 0)
         elif roi_source == "coco":
-            ds = ds.map_batches(CocoMaskStage, fn_constructor_kwargs={"annotations": str(coco.path)},
+            ds = ds.map_batches(CocoMaskStage, fn_constructor_kwargs={"annotations": str(coco.path),
+                                                                      "combine_prompts": combine_prompts},
                                 compute=ray.data.ActorPoolStrategy(size=1), batch_size=batch_size,
                                 batch_format="pyarrow", num_cpus=1)
         else:

@@ -361,7 +361,8 @@ def build_parser(variant: str | None = None, description: str | None = None) -> 
     p.add_argument("--steps", type=int, help="total optimisation steps (a resumed run continues to this count); "
                                              "default 10000, 80 with --smoke")
     p.add_argument("--batch-size", type=int, help="crops per worker per step (default 8, 4 with --smoke)")
-    p.add_argument("--crop", type=int, help="training crop side, a multiple of 64 (default 256, 64 with --smoke)")
+    p.add_argument("--crop", type=int, help="training crop side, a multiple of 64 (default 256, 64 with --smoke); "
+                                            "finish a run on 128 or more (docs/training.md)")
     p.add_argument("--crops-per-image", type=int,
                    help="random crops per row per epoch (default: auto, 1 unless the data set is tiny)")
     p.add_argument("--N", type=int, dest="n_channels", help="codec width N (default 128, 16 with --smoke)")
