@@ -111,6 +111,30 @@ def test_training_map_streams_shuffled_chunks(tmp_path):
     assert auto_crops_per_image(train_rows=100_000, global_batch=8, steps=10_000) == 1
 
 
+
+def test_every_stretch_of_a_tiny_run_sees_every_shard(tmp_path, ray_local):
+    """Many crops per row come in passes over all shard files, not as one file's rows at a
+    time (which showed a run one shard's images for a third of its steps), and the epoch
+    has every crop it promises."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    smoke = write_smoke_shards(tmp_path / "smoke", n_images=6, size=64, error_rows=0)
+    table = pq.read_table(next(smoke.glob("*.parquet")))
+    split = tmp_path / "split"
+    split.mkdir()
+    for k in range(3):  # three shard files of two images each
+        pq.write_table(table.slice(2 * k, 2), split / f"part-{k}.parquet")
+    images = [np.asarray(Image.open(u)).transpose(2, 0, 1) for u in table.column("uri").to_pylist()]
+    data = training_datasets(split, crop=64, val_crop=64, val_fraction=0.0, crops_per_image=None,
+                             global_batch=8, steps=30, rows_per_task=2)
+    assert data.crops_per_image == 40  # 30 steps x 8 crops / 6 rows
+    seen = [next(i for i, im in enumerate(images) if np.array_equal(x, im) or np.array_equal(x, im[:, :, ::-1]))
+            for b in data.train.iter_batches(batch_size=48, batch_format="numpy") for x in b["image"]]
+    assert len(seen) == 6 * 40
+    assert set(seen[:96]) == set(range(6)), seen[:96]  # the first two passes' worth shows every image
+
+
 def test_bad_settings_are_one_line_errors(tmp_path):
     with pytest.raises(TrainError, match="multiple of 64"):
         TrainConfig(shards=str(tmp_path), crop=100).resolved()
@@ -206,3 +230,10 @@ def test_resubmission_with_the_same_name_resumes_and_champion_is_set(first_run, 
     best = min(versions, key=lambda v: float(v.tags["val_loss"]))
     assert str(champ.version) == str(best.version) == again.champion_version
     assert champ.source.endswith("/checkpoint")
+
+    # once more, finished: no workers start, nothing is trained or registered
+    done = train(_config(shards, storage, "two-workers", steps=9))
+    assert done.metrics["step"] == done.metrics["start_step"] == 9 and done.checkpoint == again.checkpoint
+    assert max(m.step for m in c.get_metric_history(done.mlflow_run_id, "train/loss")) == 9
+    assert done.model_version is None and len(c.search_model_versions("name = 'roicodec-tlic'")) == 2
+    assert c.get_run(done.mlflow_run_id).info.status == "FINISHED"

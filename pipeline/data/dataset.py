@@ -17,14 +17,18 @@ module turns them into Ray Datasets of fixed-size crops for Ray Train:
 - **train crops**: ``crops_per_image`` random windows per row (the same window for
   image and mask; uniform, or for a share ``roi_crop_fraction`` centred on a random ROI
   pixel, so small objects are seen often enough) with a random horizontal flip, drawn afresh every epoch
-  (each epoch re-runs the map, so crops differ between epochs). A map task decodes
-  its rows once and yields their crops in shuffled rounds (bounded memory), and the
-  training loop adds a local shuffle buffer, so a batch mixes images. ``None`` (auto) draws enough crops per row for one epoch to cover
-  the whole run (``steps x global batch`` crops), capped at ``MAX_AUTO_CROPS`` per
-  row: 1 on a real data set, more on a tiny one. Why: every epoch starts a new Ray
-  Data streaming execution, which costs seconds (tens of seconds on a loaded
-  machine); on a data set of a few images that would otherwise happen every few
-  steps and dominate the run.
+  (each epoch re-runs the map, so crops differ between epochs). ``None`` (auto) draws
+  enough crops per row for one epoch to cover the whole run (``steps x global batch``
+  crops), capped at ``MAX_AUTO_CROPS`` per row: 1 on a real data set, more on a tiny
+  one. Why: every epoch starts a new Ray Data streaming execution, which costs seconds
+  (tens of seconds on a loaded machine); on a data set of a few images that would
+  otherwise happen every few steps and dominate the run.
+- **order**: an epoch is a number of passes over the shard files, each in its own
+  order, with at most ``CROPS_PER_PASS`` crops per row in a pass (:func:`crop_passes`).
+  A map task reads one file and yields its rows' crops in shuffled rounds (bounded
+  memory), and the training loop adds a local shuffle buffer, so a batch mixes images.
+  Drawing all of a row's crops at once instead made the stream one task's rows at a
+  time: the demo's run saw a third of its images for a third of its steps.
 - **validation crops**: one deterministic centre crop of ``val_crop`` per row, for the
   first ``max_val_samples`` held-out rows, read once on the driver (a few images; a
   Ray Data execution would cost more than reading them) and shipped to the rank-0
@@ -281,6 +285,15 @@ def train_crops_map(batch: pa.Table, *, val_ids: frozenset[str] | Sequence[str],
         remaining -= k
 
 
+def shard_crops_map(batch: pa.Table, *, rows_per_task: int, **crops: Any) -> Iterable[dict[str, np.ndarray]]:
+    """The Ray Data training map over shard files (a ``file`` column): each file read with
+    pyarrow, its rows cropped ``rows_per_task`` at a time by :func:`train_crops_map`."""
+    for path in batch.column("file").to_pylist():
+        table = read_shards(path, columns=COLUMNS)
+        for start in range(0, table.num_rows, rows_per_task):
+            yield from train_crops_map(table.slice(start, rows_per_task), **crops)
+
+
 # -- Ray Datasets -------------------------------------------------------------------------------
 
 @dataclass
@@ -311,6 +324,22 @@ def auto_crops_per_image(train_rows: int, global_batch: int, steps: int, cap: in
     """Crops per row so that one epoch covers ``steps`` global batches (at most ``cap``)."""
     need = -(-steps * global_batch // max(train_rows, 1))
     return int(min(max(1, need), cap))
+
+
+CROPS_PER_PASS = 8
+
+
+def crop_passes(crops_per_image: int, per_pass: int = CROPS_PER_PASS) -> tuple[int, int]:
+    """(passes over the shards, crops per row in each pass) giving at least ``crops_per_image``
+    crops per row per epoch, at most ``per_pass`` of them from one reading of a row."""
+    k = min(crops_per_image, per_pass)
+    return -(-crops_per_image // k), k
+
+
+def pass_order(files: Sequence[str], passes: int, seed: int = 0) -> list[str]:
+    """The shard files of ``passes`` passes, each pass in its own (seeded) random order."""
+    rng = np.random.default_rng(seed)
+    return [files[i] for _ in range(passes) for i in rng.permutation(len(files))]
 
 
 @dataclass
@@ -366,17 +395,19 @@ def training_datasets(shards: str | Path | Sequence[str | Path] | ShardPlan, *, 
         crops_per_image = auto_crops_per_image(train_rows, global_batch, steps)
     if crops_per_image < 1:
         raise DatasetError("crops_per_image must be at least 1")
-    source = ray.data.read_parquet(plan.files).select_columns(COLUMNS)
-    train = source.map_batches(train_crops_map, batch_size=rows_per_task, batch_format="pyarrow",
-                               fn_kwargs={"val_ids": plan.val_ids, "saliency_weight": saliency_weight,
-                                          "crop": crop, "crops_per_image": crops_per_image,
-                                          "roi_crop_fraction": roi_crop_fraction})
+    passes, per_pass = crop_passes(crops_per_image)
+    # one item per (pass, shard file); not read_parquet, which reads a file listed twice once
+    units = ray.data.from_items([{"file": f} for f in pass_order(plan.files, passes)])
+    train = units.map_batches(shard_crops_map, batch_size=1, batch_format="pyarrow",
+                              fn_kwargs={"rows_per_task": rows_per_task, "val_ids": plan.val_ids,
+                                         "saliency_weight": saliency_weight, "crop": crop,
+                                         "crops_per_image": per_pass, "roi_crop_fraction": roi_crop_fraction})
     if quiet:
         train.context.enable_progress_bars = False
     val = (validation_crops(plan.files, plan.val_ids, val_crop, saliency_weight, max_val_samples)
            if plan.val_ids else None)
     return TrainingData(train, val, plan.files, len(plan.train_ids), len(plan.val_ids), plan.val_ids, train_rows,
-                        crops_per_image)
+                        passes * per_pass)
 
 
 def validation_crops(files: Sequence[str], val_ids: frozenset[str], val_crop: int, saliency_weight: float = 0.0,

@@ -263,6 +263,14 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
               "train_rows": data.train_rows, "crops_per_image_used": data.crops_per_image}
     run_id, resumed = tracking.start_run(cfg.mlflow_uri, cfg.experiment, cfg.run_name, params,
                                          tags={tracking.STORAGE_TAG: cfg.storage_path, "variant": cfg.variant})
+    finished = latest_checkpoint(cfg.storage_path, cfg.run_name) if resumed else None
+    if finished is not None and finished[0] >= cfg.steps:
+        # a re-submitted finished run: nothing to train, so no workers to start
+        metrics = {"step": finished[0], "start_step": finished[0], "history": []}
+        done = tracking.finish_run(cfg.mlflow_uri, run_id, checkpoint_dir=finished[1], final_metrics=metrics,
+                                   registered_model=cfg.registered_model, register=False)
+        return TrainOutcome(cfg.run_name, storage_join(cfg.storage_path, cfg.run_name), str(finished[1]), metrics,
+                            run_id, cfg.mlflow_uri, resumed, done["model_version"], done["champion_version"])
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={**cfg.loop_config(), "mlflow_run_id": run_id, "_val": val_ref,
@@ -297,6 +305,16 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
         done = finish(ckpt_dir)
     return TrainOutcome(cfg.run_name, storage_join(cfg.storage_path, cfg.run_name), ckpt_dir, metrics, run_id,
                         cfg.mlflow_uri, resumed, done["model_version"], done["champion_version"], result)
+
+
+def latest_checkpoint(storage_path: str, run_name: str) -> tuple[int, Path] | None:
+    """(step, folder) of a run's latest ``checkpoint_<step>`` on local storage; None without
+    one, or on object storage (where Ray Train finds it)."""
+    if is_uri(storage_path):
+        return None
+    found = [(int(p.name.split("_", 1)[1]), p) for p in (Path(storage_path) / run_name).glob("checkpoint_*")
+             if p.name.split("_", 1)[1].isdigit() and (p / MODEL_FILE).is_file()]
+    return max(found, default=None)
 
 
 def _first_line(exc: BaseException) -> str:
