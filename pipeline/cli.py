@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from pipeline.argtypes import positive, unit_interval
+from pipeline.argtypes import positive, positive_int, unit_interval
+from pipeline.codec.bitstream import DEFAULT_MAX_PIXELS
 from pipeline.eval.cli import (EVALUATE_DESCRIPTION, EVALUATE_EPILOG, EVALUATE_HELP, add_evaluate_arguments,
                                run_evaluate_command)
 from pipeline.masks.cli import add_mask_source_arguments, mask_from_args, run_mask_command
@@ -65,9 +66,18 @@ def _cmd_decompress(args: argparse.Namespace) -> int:
 
     data = Path(args.file).read_bytes()
     model = load_checkpoint(args.checkpoint)
-    image = tensor_to_image(decode(model, data))
+    image = tensor_to_image(decode(model, data, max_pixels=args.max_pixels, float64=args.float64))
     image.save(args.output)
     print(f"{args.output}: {image.width}x{image.height}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from pipeline.codec.checkpoint import convert_checkpoint, fingerprint
+
+    model = convert_checkpoint(args.checkpoint, args.output)
+    print(f"{args.output}: {model.variant} checkpoint with integer-exact coding tables "
+          f"(fingerprint {fingerprint(model).hex()})")
     return 0
 
 
@@ -117,7 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="input .roic file")
     p.add_argument("--checkpoint", required=True, help="the checkpoint the file was made with")
     p.add_argument("-o", "--output", required=True, help="output image (PNG)")
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="refuse files that declare more than N pixels (default %(default)s, "
+                        "like Pillow's decompression-bomb guard)")
+    p.add_argument("--float64", action="store_true",
+                   help="run the synthesis in float64: the same 8-bit image on every machine, not "
+                        "just the same symbols (float32 may differ by one level at a few pixels); "
+                        "about 2.5x slower")
     p.set_defaults(func=_cmd_decompress)
+
+    p = sub.add_parser("convert", help="convert an old checkpoint to the portable format",
+                       description="Build the coding tables and the integer-exact hyper-decoder of "
+                                   "a checkpoint (e.g. one in the old format-1 layout, whose files "
+                                   "were not portable) and save it in the current format. Files "
+                                   "made with the old checkpoint must be re-encoded.")
+    p.add_argument("checkpoint", help="input checkpoint (.pt)")
+    p.add_argument("output", help="output checkpoint (.pt)")
+    p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("evaluate", help=EVALUATE_HELP, description=EVALUATE_DESCRIPTION,
                        epilog=EVALUATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

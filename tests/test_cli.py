@@ -115,3 +115,27 @@ def test_bad_inputs_get_one_line_errors(files, capsys):
                               root / "o.png"), "different checkpoint")
     assert_one_line_error(run("decompress", files["image"], "--checkpoint", ckpt, "-o",
                               root / "p.png"), "not a .roic file")
+
+
+def test_convert_an_old_checkpoint_and_decode_with_limits(files, capsys, untrained):
+    """`roicodec convert` turns a format-1 checkpoint into a loadable one; `decompress`
+    honours --max-pixels and --float64."""
+    root = files["root"]
+    model = untrained["tma"]
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith(("hyper_int.", "table_index."))}
+    torch.save({"format": "roicodec-checkpoint/1", "variant": "tma", "config": model.config,
+                "state_dict": old, "extra": {}}, root / "old.pt")
+    out = root / "small.roic"
+    proc = roicodec_in_process(capsys, "compress", files["image"], "--checkpoint", root / "old.pt", "-o", out)
+    assert_one_line_error(proc, "roicodec convert")
+    proc = roicodec_in_process(capsys, "convert", root / "old.pt", root / "new.pt")
+    assert proc.returncode == 0 and "integer-exact" in proc.stdout, proc.stderr
+    assert roicodec_in_process(capsys, "compress", files["image"], "--checkpoint", root / "new.pt",
+                               "-o", out).returncode == 0
+    proc = roicodec_in_process(capsys, "decompress", out, "--checkpoint", root / "new.pt", "-o",
+                               root / "small.png", "--max-pixels", 100)
+    assert_one_line_error(proc, "67x45 pixels, more than the decoder's limit of 100")
+    proc = roicodec_in_process(capsys, "decompress", out, "--checkpoint", root / "new.pt", "-o",
+                               root / "small.png", "--float64")
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(root / "small.png").size == (67, 45)

@@ -15,6 +15,12 @@ Layout (little-endian)::
 The CRC makes truncation and flipped bytes anywhere a clean :class:`BitstreamError`
 before any entropy decoding runs; the fingerprint makes decoding with another
 checkpoint a clear error too. The decoder needs no mask.
+
+Version 2 files are portable: the coding tables are selected by integer-exact arithmetic
+(:mod:`pipeline.codec.integer`), so they decode to the same symbols on every machine.
+Version 1 files (float table selection) are refused with a clear error. The CRC catches
+damage, not a crafted file: :func:`pipeline.codec.coding.decode` also limits the declared
+pixel count and turns any failure while decoding into a :class:`BitstreamError`.
 """
 
 from __future__ import annotations
@@ -24,9 +30,12 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"ROIC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FINGERPRINT_BYTES = 8
 MAX_SIDE = 1 << 16
+# The decoder's default pixel limit, like Pillow's decompression-bomb guard: far above a
+# camera photo (24 MP is 6000x4000), far below the 2^32 pixels a header can declare.
+DEFAULT_MAX_PIXELS = 1 << 25
 
 
 class BitstreamError(ValueError):
@@ -52,9 +61,15 @@ def pack(header: RoicHeader, groups: list[list[bytes]]) -> bytes:
         raise ValueError("variant name too long or fingerprint of wrong size")
     if not (0 < header.width <= MAX_SIDE and 0 < header.height <= MAX_SIDE):
         raise ValueError(f"image size {header.width}x{header.height} outside 1..{MAX_SIDE}")
-    parts = [MAGIC, struct.pack("<BB", FORMAT_VERSION, len(name)), name, header.fingerprint,
-             struct.pack("<IIff", header.width, header.height, header.rate, header.roi_quality),
-             struct.pack("<B", len(groups))]
+    return serialize(name, header.fingerprint, header.width, header.height, header.rate,
+                     header.roi_quality, groups)
+
+
+def serialize(name: bytes, fingerprint: bytes, width: int, height: int, rate: float, roi_quality: float,
+              groups: list[list[bytes]], version: int = FORMAT_VERSION) -> bytes:
+    """The file layout with its CRC, fields unchecked (:func:`pack` checks them; tests craft files)."""
+    parts = [MAGIC, struct.pack("<BB", version, len(name)), name, fingerprint,
+             struct.pack("<IIff", width, height, rate, roi_quality), struct.pack("<B", len(groups))]
     for group in groups:
         parts.append(struct.pack("<B", len(group)))
         parts.extend(struct.pack("<I", len(s)) for s in group)
@@ -91,8 +106,9 @@ def unpack(data: bytes) -> tuple[RoicHeader, list[list[bytes]]]:
     r.take(len(MAGIC))
     version, name_len = r.unpack("<BB")
     if version != FORMAT_VERSION:
-        raise BitstreamError(f"unsupported .roic format version {version} "
-                             f"(this build reads version {FORMAT_VERSION})")
+        hint = " (not portable across machines: re-encode the image)" if version == 1 else ""
+        raise BitstreamError(f"unsupported .roic format version {version}{hint}; "
+                             f"this build reads version {FORMAT_VERSION}")
     try:
         variant = r.take(name_len).decode("ascii")
     except UnicodeDecodeError as exc:

@@ -1,4 +1,10 @@
-"""Checkpoint files: save/load a codec variant with its config, and its fingerprint."""
+"""Checkpoint files: save/load a codec variant with its config, coding state and fingerprint.
+
+Format 2 (``roicodec-checkpoint/2``) carries the coding state built by ``update()``: the
+CDF tables of both entropy models and the integer-exact hyper-decoder that selects y's
+tables. Loading never rebuilds them, so every machine codes with the same integers.
+A format-1 checkpoint (float weights only) is refused with the command that converts it.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,8 @@ import torch
 from pipeline.codec.bitstream import FINGERPRINT_BYTES
 from pipeline.codec.models import ROICodec, build_model
 
-CHECKPOINT_FORMAT = "roicodec-checkpoint/1"
+CHECKPOINT_FORMAT = "roicodec-checkpoint/2"
+OLD_FORMATS = ("roicodec-checkpoint/1",)
 
 
 class CheckpointError(ValueError):
@@ -19,20 +26,29 @@ class CheckpointError(ValueError):
 
 
 def fingerprint(model: ROICodec) -> bytes:
-    """8 bytes identifying the model: a hash of its variant, config and parameters.
+    """8 bytes identifying the model: a hash of its variant, config, parameters and coding state.
 
-    Only learned parameters count (not the derived CDF tables), so a model and a
-    copy that rebuilt its tables with ``update()`` share a fingerprint.
+    Parameters and float buffers count as float32 (a copy cast to float64 or moved to a GPU
+    keeps its fingerprint), integer buffers (CDF tables, the integer hyper-decoder) as int64.
     """
     h = hashlib.sha256(f"{model.variant}:{sorted(model.config.items())}".encode())
-    for name, p in sorted(model.named_parameters()):
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu")
+        t = t.to(torch.float32) if t.is_floating_point() else t.to(torch.int64)
         h.update(name.encode())
-        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
     return h.digest()[:FINGERPRINT_BYTES]
 
 
 def save_checkpoint(model: ROICodec, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (variant, config, weights, CDF tables) and ``extra`` metadata."""
+    """Write ``model`` (variant, config, weights, coding state) and ``extra`` metadata.
+
+    The coding state (CDF tables, integer hyper-decoder) is built here if ``update()`` has
+    not run, so every checkpoint can code as it is loaded.
+    """
+    if not model.coding_ready():
+        model.update(force=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -42,27 +58,53 @@ def save_checkpoint(model: ROICodec, path: str | Path, extra: dict[str, Any] | N
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> ROICodec:
-    """Load a checkpoint into an eval-mode model with its entropy-coding tables built."""
-    path = Path(path)
+def _read(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for non-checkpoint files
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__})") from exc
-    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(blob, dict) or blob.get("format") not in (CHECKPOINT_FORMAT, *OLD_FORMATS):
         raise CheckpointError(f"{path} is not a roicodec checkpoint")
+    return blob
+
+
+def _model_from(blob: dict[str, Any], path: Path) -> ROICodec:
     model = build_model(blob["variant"], **blob["config"])
     try:
-        model.load_state_dict(blob["state_dict"])
+        model.load_state_dict(blob["state_dict"], strict=blob["format"] == CHECKPOINT_FORMAT)
     except RuntimeError as exc:  # missing/unexpected keys or shapes: another layout of the variant
         lines = str(exc).splitlines()  # "Error(s) in loading state_dict ...:" then the problems
         problem = lines[1].strip() if len(lines) > 1 else lines[0]
         raise CheckpointError(f"{path} does not fit this version's {blob['variant']} model "
                               f"(saved by an older layout?): {problem}") from None
-    model.update(force=True)
+    return model
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> ROICodec:
+    """Load a checkpoint into an eval-mode model, coding state as saved (never rebuilt)."""
+    path = Path(path)
+    blob = _read(path, map_location)
+    if blob["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is a {blob['format']} checkpoint (floating-point entropy "
+                              f"parameters, files not portable); convert it once with "
+                              f"`roicodec convert {path} NEW.pt`")
+    model = _model_from(blob, path)
+    if not model.coding_ready():
+        raise CheckpointError(f"{path} has no coding tables (written without update())")
     return model.eval()
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path) -> ROICodec:
+    """Turn a format-1 (or current) checkpoint into the current format: build the CDF tables
+    and the integer hyper-decoder from its float weights (no data needed) and save it."""
+    src = Path(src)
+    blob = _read(src, "cpu")
+    model = _model_from(blob, src).eval()
+    model.update(force=True)
+    save_checkpoint(model, dst, extra=blob.get("extra") or {})
+    return model
 
 
 def checkpoint_extra(path: str | Path) -> dict[str, Any]:

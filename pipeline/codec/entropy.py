@@ -65,7 +65,7 @@ from compressai.models.base import get_scale_table
 from compressai.ops.bound_ops import LowerBoundFunction
 from torch import Tensor
 
-__all__ = ["GeneralizedGaussianConditional", "gg_bin_probability", "std_factor"]
+__all__ = ["GeneralizedGaussianConditional", "gg_bin_probability", "pad_for_decoding", "std_factor"]
 
 TableLike = Union[Sequence[float], Tensor]
 
@@ -128,6 +128,17 @@ class _BinProbability(torch.autograd.Function):
             dlog = torch.where(usable, dlog, torch.zeros_like(dlog)).to(grad.dtype)
             grad_b = grad * probability * dlog
         return grad_v, grad_s, grad_b, None
+
+
+def pad_for_decoding(string: bytes, symbols: int) -> bytes:
+    """``string`` followed by enough zero bytes that CompressAI's rANS decoder, which reads
+    on without checking the end, stays inside the buffer even for a crafted string.
+
+    Per symbol it reads at most one 32-bit word, except in bypass (escape) mode, whose
+    nibble counts come from the string's own bytes; zeros end every bypass run. So
+    16 bytes per string byte plus 4 per symbol bounds what it can read.
+    """
+    return string + bytes(16 * len(string) + 4 * symbols + 64)
 
 
 def _prepare_table(table: TableLike, name: str) -> Tensor:

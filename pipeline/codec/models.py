@@ -18,10 +18,15 @@ Variants:
 - ``tma``: the mask (with the user's non-ROI value) enters the encoder as a fourth
   input channel, and a latent mask attention block rescales y.
 - ``ggm``: ``sft`` with a generalized Gaussian entropy model (learned shape beta).
+
+Coding (``compress``/``decompress``) selects y's CDF tables with the integer-exact
+hyper-decoder of :mod:`pipeline.codec.integer` (built by ``update()``), so files decode
+the same on every machine; training (``forward``) uses the float hyper-decoder it came from.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -33,7 +38,10 @@ from compressai.models.base import get_scale_table
 from compressai.models.utils import conv, deconv
 from torch import nn
 
-from pipeline.codec.entropy import CompactGaussianConditional, GeneralizedGaussianConditional
+from pipeline.codec.entropy import (CompactGaussianConditional, GeneralizedGaussianConditional, pad_for_decoding,
+                                    std_factor)
+from pipeline.codec.integer import (GaussianTableIndex, GeneralizedGaussianTableIndex, IntegerHyperSynthesis,
+                                    hyper_latent_samples)
 from pipeline.codec.layers import (SFT, GainUnits, LatentMaskAttention, MaskImageCondition,
                                    RateLike, pool_mask)
 from pipeline.masks.ops import assign_nonroi_value
@@ -100,6 +108,8 @@ class ROICodec(CompressionModel):
                                  conv(M * 3 // 2, self._entropy_param_channels(), stride=1,
                                       kernel_size=3))
         self.gain = GainUnits(n_rates, M)
+        self.hyper_int = IntegerHyperSynthesis(self.h_s, N)
+        self.table_index: nn.Module = GaussianTableIndex(SCALE_TABLE_LEVELS)
 
     # -- configuration ---------------------------------------------------------------
     @property
@@ -121,23 +131,77 @@ class ROICodec(CompressionModel):
         scales, means = self.h_s(z_hat).chunk(2, 1)
         return self.gaussian_conditional(y, scales, means=means)
 
-    def _latent_compress(self, y: torch.Tensor, z_hat: torch.Tensor) -> list[bytes]:
+    @property
+    def latent_entropy_model(self) -> nn.Module:
+        """The entropy model that codes y (its ``compress``/``decompress`` take table indexes)."""
+        return self.gaussian_conditional
+
+    def _entropy_parameters(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """y's table indexes (integer-exact) and means, from the integer hyper-decoder."""
+        params = self.hyper_int(self.hyper_symbols(z_hat))
+        scales_int, means_int = params.chunk(2, 1)
+        return self.table_index(scales_int), self._from_fixed(means_int, z_hat.dtype)
+
+    def float_entropy_parameters(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pre-portability path, kept for comparison: table indexes from the float
+        hyper-decoder, which can differ between machines."""
         scales, means = self.h_s(z_hat).chunk(2, 1)
-        indexes = self.gaussian_conditional.build_indexes(scales)
-        return self.gaussian_conditional.compress(y, indexes, means=means)
+        return self.gaussian_conditional.build_indexes(scales), means
+
+    def _from_fixed(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (values * math.ldexp(1.0, -self.hyper_int.output_frac)).to(dtype)
+
+    def hyper_symbols(self, z_hat: torch.Tensor) -> torch.Tensor:
+        """The integer symbols ``round(z_hat - median)`` of a decoded hyper-latent (float64)."""
+        medians = self.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
+        return torch.round(z_hat.to(torch.float64) - medians.to(torch.float64))
+
+    def _latent_compress(self, y: torch.Tensor, z_hat: torch.Tensor) -> list[bytes]:
+        indexes, means = self._entropy_parameters(z_hat)
+        return self.latent_entropy_model.compress(y, indexes, means=means.to(y.dtype))
 
     def _latent_decompress(self, strings: list[bytes], z_hat: torch.Tensor) -> torch.Tensor:
-        scales, means = self.h_s(z_hat).chunk(2, 1)
-        indexes = self.gaussian_conditional.build_indexes(scales)
-        return self.gaussian_conditional.decompress(strings, indexes, z_hat.dtype, means=means)
+        indexes, means = self._entropy_parameters(z_hat)
+        strings = [pad_for_decoding(s, indexes[0].numel()) for s in strings]
+        return self.latent_entropy_model.decompress(strings, indexes, z_hat.dtype, means=means)
 
     # -- shared plumbing -------------------------------------------------------------
     def update(self, scale_table: torch.Tensor | None = None, force: bool = False,
                update_quantiles: bool = False) -> bool:
-        """Build the entropy coders' CDF tables (a finer scale table than CompressAI's)."""
+        """Build the coding state: the entropy coders' CDF tables (a finer scale table than
+        CompressAI's) and the integer-exact hyper-decoder that selects y's tables.
+
+        Floating-point work, done once when a checkpoint is written; it travels in the
+        checkpoint's buffers and :func:`~pipeline.codec.checkpoint.load_checkpoint` never redoes it.
+        """
         if scale_table is None:
             scale_table = get_scale_table(levels=SCALE_TABLE_LEVELS)
-        return super().update(scale_table, force=force, update_quantiles=update_quantiles)
+        updated = super().update(scale_table, force=force, update_quantiles=update_quantiles)
+        updated = self._update_latent_tables(force) or updated
+        if updated or not bool(self.hyper_int.ready):
+            self._build_integer_path()
+            updated = True
+        return updated
+
+    def _update_latent_tables(self, force: bool) -> bool:
+        return False  # CompressAI's update() already built the GaussianConditional's tables
+
+    def coding_ready(self) -> bool:
+        """Whether the tables and the integer hyper-decoder are built (``update()`` has run)."""
+        models = (self.entropy_bottleneck, self.latent_entropy_model)
+        return all(m._offset.numel() > 0 for m in models) and bool(self.hyper_int.ready)
+
+    @torch.no_grad()
+    def _build_integer_path(self) -> None:
+        eb = self.entropy_bottleneck
+        medians = eb._get_medians().detach().reshape(-1)
+        symbols, bound = hyper_latent_samples(eb)
+        calibration = symbols + medians.cpu().double()[None, :, None, None]
+        self.hyper_int.build(self.h_s, medians, calibration, bound)
+        self._build_table_index()
+
+    def _build_table_index(self) -> None:
+        self.table_index.build(self.gaussian_conditional.scale_table, self.hyper_int.output_frac)
 
     @staticmethod
     def effective_mask(x: torch.Tensor, mask: torch.Tensor | None,
@@ -187,7 +251,8 @@ class ROICodec(CompressionModel):
     def decompress(self, strings: list[list[bytes]], shape: tuple[int, int] | torch.Size,
                    rate: RateLike = 1.0) -> dict[str, torch.Tensor]:
         """Rebuild the (padded) image from the strings; no mask needed."""
-        z_hat = self.entropy_bottleneck.decompress(strings[1], shape)
+        z_strings = [pad_for_decoding(s, self.N * shape[0] * shape[1]) for s in strings[1]]
+        z_hat = self.entropy_bottleneck.decompress(z_strings, shape)
         y_hat = self._latent_decompress(strings[0], z_hat)
         x_hat = self.synthesis(self.gain.inverse(y_hat, rate), z_hat).clamp_(0, 1)
         return {"x_hat": x_hat}
@@ -320,6 +385,8 @@ class GGMCodec(SFTCodec):
         super().__init__(N, M, n_rates, cond_channels)
         del self.gaussian_conditional
         self.gg_conditional = GeneralizedGaussianConditional()
+        self.table_index = GeneralizedGaussianTableIndex(len(get_scale_table()), self.gg_conditional.beta_levels,
+                                                         M)
         if beta_mode == "channel":
             self.beta_logits = nn.Parameter(torch.zeros(1, M, 1, 1))
 
@@ -342,18 +409,27 @@ class GGMCodec(SFTCodec):
         scales, means, betas = self._gg_params(z_hat)
         return self.gg_conditional(y, scales, betas, means=means)
 
-    def _latent_compress(self, y: torch.Tensor, z_hat: torch.Tensor) -> list[bytes]:
-        scales, means, betas = self._gg_params(z_hat)
-        indexes = self.gg_conditional.build_indexes(scales, betas)
-        return self.gg_conditional.compress(y, indexes, means=means)
+    @property
+    def latent_entropy_model(self) -> nn.Module:
+        return self.gg_conditional
 
-    def _latent_decompress(self, strings: list[bytes], z_hat: torch.Tensor) -> torch.Tensor:
-        scales, means, betas = self._gg_params(z_hat)
-        indexes = self.gg_conditional.build_indexes(scales, betas)
-        return self.gg_conditional.decompress(strings, indexes, z_hat.dtype, means=means)
+    def _entropy_parameters(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        params = self.hyper_int(self.hyper_symbols(z_hat))
+        if self.beta_mode == "element":
+            scales_int, means_int, raw_int = params.chunk(3, 1)
+        else:
+            (scales_int, means_int), raw_int = params.chunk(2, 1), None
+        return self.table_index(scales_int, raw_int), self._from_fixed(means_int, z_hat.dtype)
 
-    def update(self, scale_table: torch.Tensor | None = None, force: bool = False,
-               update_quantiles: bool = False) -> bool:
-        """Build the hyper-latent's and the generalized Gaussian's CDF tables."""
-        updated = super().update(scale_table, force=force, update_quantiles=update_quantiles)
-        return self.gg_conditional.update(force=force) or updated
+    def float_entropy_parameters(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scales, means, betas = self._gg_params(z_hat)
+        return self.gg_conditional.build_indexes(scales, betas), means
+
+    def _update_latent_tables(self, force: bool) -> bool:
+        return self.gg_conditional.update(force=force)
+
+    def _build_table_index(self) -> None:
+        gg = self.gg_conditional
+        channel_betas = gg.bound_beta(self.beta_logits) if self.beta_mode == "channel" else None
+        self.table_index.build(gg.scale_table, gg.beta_table, gg.beta_range, self.hyper_int.output_frac,
+                               std_factor, channel_betas)

@@ -1,0 +1,321 @@
+"""The integer-exact path that selects the latent's coding tables (portable ``.roic`` files).
+
+A coder falls out of step, and a file decodes to garbage, when the encoder and the
+decoder pick different CDF tables for one element. With a floating-point hyper-decoder
+that happens across machines (thread counts, oneDNN, CUDA's TF32, float64): a scale that
+lands near a table boundary rounds to a neighbour on one side only. So, as in Ballé,
+Johnston and Minnen, "Integer networks for data compression with latent-variable models"
+(ICLR 2019), everything that selects a table is computed here with integer arithmetic
+from integers (the hyper-latent's decoded symbols):
+
+- :class:`IntegerHyperSynthesis` is a post-training integerisation of the float
+  hyper-decoder ``h_s``: per-output-channel power-of-two weight scales (|w| < 2^15),
+  integer biases, and after every layer a rounding right-shift to a per-layer fixed-point
+  format and a clamp to |a| < 2^20; LeakyReLU's slope is 41/4096. The formats come from a
+  data-free calibration (hyper-latents drawn from the entropy bottleneck's own CDF tables,
+  8x headroom), so ``update()`` needs no images.
+- Sums are exact: integers held in float64, every accumulator bounded below 2^52
+  (checked when the layer is built: ``fan_in * 2^20 * 2^15 + |bias|``), so no order of
+  summation (threads, BLAS kernels, GPU atomics) can change a result; each conv is a sum of
+  per-tap matrix products written out here, never a library conv algorithm (Winograd/FFT
+  are inexact). Rounding, shifts and clamps are elementwise IEEE operations on exact
+  values, identical everywhere.
+- :class:`GaussianTableIndex` and :class:`GeneralizedGaussianTableIndex` turn the last
+  layer's integer scale (and shape) outputs into table indexes by comparing with integer
+  thresholds computed once from the tables.
+
+Means come out of the same integer network (so they are exact too); the synthesis
+transform stays floating point: it only moves the reconstruction by rounding noise.
+Everything here is stored in buffers: built by ``update()`` when a checkpoint is written,
+loaded with it, never recomputed at load time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACT_BITS = 20          # activations are clamped to |a| <= 2^20 - 1
+WEIGHT_BITS = 15       # |integer weight| <= 2^15 - 1
+ACC_LIMIT = 2 ** 52    # float64 holds every integer below 2^53 exactly
+HEADROOM_BITS = 3      # calibrated maxima get 8x headroom before the clamp
+LEAKY_NUM, LEAKY_SHIFT = 41, 12  # LeakyReLU(0.01) as x * 41 / 4096 for x < 0
+MAX_FRAC = 40          # fraction bits are capped (all-zero layers of an untrained model)
+ACT_MAX = 2 ** ACT_BITS - 1
+WEIGHT_MAX = 2 ** WEIGHT_BITS - 1
+
+
+def exact_matmul(weight: Tensor, x: Tensor) -> Tensor:
+    """``weight @ x`` on float64 integers whose every partial sum stays below 2^53 (exact)."""
+    return torch.matmul(weight, x)
+
+
+def _round_shift(acc: Tensor, shift: Tensor) -> Tensor:
+    """``round(acc / 2^shift)`` (half up) per channel of a (B,C,H,W) integer tensor, exactly.
+
+    The powers of two are made by Python's ``ldexp`` (exact), not a device ``pow``.
+    """
+    scale = torch.tensor([math.ldexp(1.0, -s) for s in shift.tolist()], dtype=torch.float64,
+                         device=acc.device)[None, :, None, None]
+    return torch.floor(acc * scale + 0.5)
+
+
+class IntegerConv(nn.Module):
+    """A conv or transposed conv of the hyper-decoder with integer weights and bias.
+
+    ``forward`` maps an integer activation tensor (fixed point, the previous layer's
+    fraction bits) to this layer's integer output: exact accumulation, rounding shift,
+    optional integer LeakyReLU, clamp.
+    """
+
+    def __init__(self, layer: nn.Conv2d | nn.ConvTranspose2d, leaky_relu: bool) -> None:
+        super().__init__()
+        self.transposed = isinstance(layer, nn.ConvTranspose2d)
+        if layer.groups != 1 or layer.dilation != (1, 1) or layer.kernel_size[0] != layer.kernel_size[1]:
+            raise ValueError("only square, ungrouped, undilated convolutions can be integerised")
+        self.kernel = layer.kernel_size[0]
+        self.stride = layer.stride[0]
+        self.padding = layer.padding[0]
+        self.output_padding = layer.output_padding[0] if self.transposed else 0
+        self.leaky_relu = leaky_relu
+        out_ch = layer.out_channels
+        in_ch = layer.in_channels
+        self.register_buffer("weight", torch.zeros(out_ch, in_ch, self.kernel, self.kernel, dtype=torch.int64))
+        self.register_buffer("bias", torch.zeros(out_ch, dtype=torch.int64))
+        self.register_buffer("shift", torch.zeros(out_ch, dtype=torch.int64))
+
+    def fan_in(self) -> int:
+        """The most products one accumulator can sum (a bound, not exact for strided layers)."""
+        return self.weight.shape[1] * self.kernel * self.kernel
+
+    @torch.no_grad()
+    def quantize(self, layer: nn.Conv2d | nn.ConvTranspose2d, in_frac: int, out_frac: int) -> None:
+        """Integer weights/bias/shift of ``layer`` for inputs with ``in_frac`` fraction bits and
+        outputs with ``out_frac``; raises if an accumulator could leave the exact range."""
+        w = layer.weight.detach().to("cpu", torch.float64)
+        if self.transposed:
+            w = w.permute(1, 0, 2, 3)  # ConvTranspose2d stores (in, out, k, k)
+        peak = w.abs().amax(dim=(1, 2, 3))
+        w_frac = torch.where(peak > 0, torch.floor(torch.log2(WEIGHT_MAX / peak.clamp_min(1e-300))),
+                             torch.full_like(peak, MAX_FRAC)).clamp(max=MAX_FRAC)
+        w_int = torch.round(w * torch.pow(2.0, w_frac)[:, None, None, None]).clamp(-WEIGHT_MAX, WEIGHT_MAX)
+        acc_frac = w_frac + in_frac
+        b = layer.bias.detach().to("cpu", torch.float64) if layer.bias is not None else torch.zeros_like(peak)
+        b_int = torch.round(b * torch.pow(2.0, acc_frac))
+        bound = self.fan_in() * ACT_MAX * w_int.abs().amax(dim=(1, 2, 3)) + b_int.abs()
+        if bool((bound >= ACC_LIMIT).any()):
+            raise ValueError(f"integer layer accumulator bound {float(bound.max()):.3g} exceeds 2^52 "
+                             "(fan-in too large for exact float64 sums)")
+        device = self.weight.device
+        self.weight.copy_(w_int.to(device, torch.int64))
+        self.bias.copy_(b_int.to(device, torch.int64))
+        self.shift.copy_((acc_frac - out_frac).to(device, torch.int64))
+
+    def accumulate(self, x: Tensor) -> Tensor:
+        """The exact integer sums ``conv(x, weight) + bias`` (float64 holding integers)."""
+        w = self.weight.to(torch.float64)
+        b, c_in, h, wd = x.shape
+        k, s, p = self.kernel, self.stride, self.padding
+        out_ch = w.shape[0]
+        if not self.transposed:
+            xp = F.pad(x, (p, p, p, p))
+            ho, wo = (h + 2 * p - k) // s + 1, (wd + 2 * p - k) // s + 1
+            out = x.new_zeros(b, out_ch, ho * wo)
+            for dy in range(k):
+                for dx in range(k):
+                    patch = xp[:, :, dy:dy + s * (ho - 1) + 1:s, dx:dx + s * (wo - 1) + 1:s]
+                    out += exact_matmul(w[:, :, dy, dx], patch.reshape(b, c_in, ho * wo))
+            out = out.reshape(b, out_ch, ho, wo)
+        else:
+            ho = (h - 1) * s - 2 * p + k + self.output_padding
+            wo = (wd - 1) * s - 2 * p + k + self.output_padding
+            canvas = x.new_zeros(b, out_ch, (h - 1) * s + k + self.output_padding,
+                                 (wd - 1) * s + k + self.output_padding)
+            cols = x.reshape(b, c_in, h * wd)
+            for dy in range(k):
+                for dx in range(k):
+                    contrib = exact_matmul(w[:, :, dy, dx], cols).reshape(b, out_ch, h, wd)
+                    canvas[:, :, dy:dy + s * (h - 1) + 1:s, dx:dx + s * (wd - 1) + 1:s] += contrib
+            out = canvas[:, :, p:p + ho, p:p + wo]
+        return out + self.bias.to(torch.float64)[None, :, None, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = _round_shift(self.accumulate(x), self.shift)
+        if self.leaky_relu:
+            out = torch.where(out < 0, torch.floor(out * LEAKY_NUM * math.ldexp(1.0, -LEAKY_SHIFT)), out)
+        return out.clamp(-ACT_MAX, ACT_MAX)
+
+
+def _conv_layers(h_s: nn.Sequential) -> list[tuple[nn.Module, bool]]:
+    """(conv, followed by LeakyReLU) pairs of a conv/LeakyReLU stack like CompressAI's h_s."""
+    modules = list(h_s)
+    layers = []
+    for i, m in enumerate(modules):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            follows = modules[i + 1] if i + 1 < len(modules) else None
+            if follows is not None and not isinstance(follows, (nn.LeakyReLU, nn.Conv2d, nn.ConvTranspose2d)):
+                raise ValueError(f"cannot integerise a {type(follows).__name__} in the hyper-decoder")
+            if isinstance(follows, nn.LeakyReLU) and abs(follows.negative_slope - 0.01) > 1e-9:
+                raise ValueError("only LeakyReLU(0.01) has an integer form here")
+            layers.append((m, isinstance(follows, nn.LeakyReLU)))
+    return layers
+
+
+class IntegerHyperSynthesis(nn.Module):
+    """The hyper-decoder ``h_s`` in integer arithmetic: z symbols in, integer entropy parameters out.
+
+    Build it with :meth:`build` from the trained float ``h_s``; the output has
+    ``output_frac`` fraction bits (value = integer / 2^output_frac).
+    """
+
+    def __init__(self, h_s: nn.Sequential, latent_channels: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(IntegerConv(m, act) for m, act in _conv_layers(h_s))
+        self.register_buffer("fractions", torch.zeros(len(self.layers) + 1, dtype=torch.int64))
+        self.register_buffer("z_median", torch.zeros(latent_channels, dtype=torch.int64))
+        self.register_buffer("z_bound", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def output_frac(self) -> int:
+        return int(self.fractions[-1])
+
+    @torch.no_grad()
+    def build(self, h_s: nn.Sequential, medians: Tensor, calibration_z: Tensor, z_bound: int) -> None:
+        """Integerise ``h_s`` for hyper-latents ``z_hat = symbol + median``.
+
+        ``calibration_z`` (B,N,h,w) are typical z_hat values: each layer's output format is
+        chosen so their largest magnitude, times 2^HEADROOM_BITS, fits the activation range.
+        Symbols are clamped to ``|s| <= z_bound``.
+        """
+        medians = medians.detach().to("cpu", torch.float64).reshape(-1)
+        z_peak = z_bound + float(medians.abs().max())
+        fractions = [min(MAX_FRAC, math.floor(math.log2(ACT_MAX / max(z_peak, 1e-9))))]
+        peaks = []
+        x = calibration_z.detach().to("cpu", torch.float64)
+        for layer, act in _conv_layers(h_s):
+            w = layer.weight.detach().to("cpu", torch.float64)
+            b = None if layer.bias is None else layer.bias.detach().to("cpu", torch.float64)
+            if isinstance(layer, nn.ConvTranspose2d):
+                x = F.conv_transpose2d(x, w, b, layer.stride, layer.padding, layer.output_padding)
+            else:
+                x = F.conv2d(x, w, b, layer.stride, layer.padding)
+            peaks.append(float(x.abs().max()))
+            if act:
+                x = F.leaky_relu(x, 0.01)
+        for peak in peaks:
+            headroom = max(peak, 1e-9) * 2 ** HEADROOM_BITS
+            fractions.append(min(MAX_FRAC, math.floor(math.log2(ACT_MAX / headroom))))
+        for (layer, _), int_layer, f_in, f_out in zip(_conv_layers(h_s), self.layers, fractions[:-1],
+                                                      fractions[1:]):
+            int_layer.quantize(layer, f_in, f_out)
+        self.fractions.copy_(torch.tensor(fractions, dtype=torch.int64))
+        self.z_median.copy_(torch.round(medians * 2.0 ** fractions[0]).to(torch.int64))
+        self.z_bound.fill_(int(z_bound))
+        self.ready.fill_(True)
+
+    def forward(self, z_symbols: Tensor) -> Tensor:
+        """Integer entropy parameters (float64 holding integers) from integer z symbols (B,N,h,w)."""
+        if not bool(self.ready):
+            raise RuntimeError("the integer hyper-decoder is not built: run update() first")
+        bound = float(self.z_bound)
+        sym = z_symbols.to(torch.float64).clamp(-bound, bound)
+        x = sym * math.ldexp(1.0, int(self.fractions[0])) + self.z_median.to(torch.float64)[None, :, None, None]
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def hyper_latent_samples(eb: nn.Module, batch: int = 16, size: int = 8,
+                         seed: int = 0) -> tuple[torch.Tensor, int]:
+    """Hyper-latent symbols drawn from the bottleneck's own CDF tables, (batch,N,size,size)
+    float64, and a clamp bound twice the tables' widest support (data-free calibration)."""
+    cdf, lengths, offsets = (t.detach().cpu() for t in (eb._quantized_cdf, eb._cdf_length, eb._offset))
+    gen = torch.Generator().manual_seed(seed)
+    channels = []
+    for c in range(cdf.shape[0]):
+        n = int(lengths[c]) - 2  # regular symbols; the last slot is the escape code
+        pmf = (cdf[c, 1:n + 1] - cdf[c, :n]).double().clamp_min(0) + 1e-12
+        draws = torch.multinomial(pmf, batch * size * size, replacement=True, generator=gen)
+        channels.append((draws + int(offsets[c])).reshape(batch, size, size))
+    bound = int(max(abs(int(offsets.min())), abs(int((offsets + lengths - 3).max()))))
+    return torch.stack(channels, 1).double(), 2 * bound + 8
+
+
+def _thresholds(values: Tensor, frac: int) -> Tensor:
+    """``floor(v * 2^frac)`` as int64: an integer x exceeds v * 2^frac iff it exceeds this."""
+    return torch.floor(values.to(torch.float64) * 2.0 ** frac).to(torch.int64)
+
+
+def count_below(thresholds: Tensor, values: Tensor) -> Tensor:
+    """For each integer value, how many (sorted) thresholds are strictly below it (int64, exact)."""
+    return torch.searchsorted(thresholds.contiguous(), values.to(torch.int64).contiguous(), right=False)
+
+
+class GaussianTableIndex(nn.Module):
+    """Gaussian scale -> table index: the smallest table scale >= the element's scale.
+
+    The same rule as CompressAI's ``GaussianConditional.build_indexes`` (scales below the
+    first table entry take table 0), on the integer scale output.
+    """
+
+    def __init__(self, levels: int) -> None:
+        super().__init__()
+        self.register_buffer("thresholds", torch.zeros(max(levels - 1, 0), dtype=torch.int64))
+
+    @torch.no_grad()
+    def build(self, scale_table: Tensor, frac: int) -> None:
+        self.thresholds.copy_(_thresholds(scale_table.reshape(-1)[:-1].cpu(), frac).to(self.thresholds.device))
+
+    def forward(self, scales_int: Tensor) -> Tensor:
+        return count_below(self.thresholds, scales_int).int()
+
+
+class GeneralizedGaussianTableIndex(nn.Module):
+    """(scale, shape) -> table index of :class:`~pipeline.codec.entropy.GeneralizedGaussianConditional`.
+
+    The shape index is the table beta nearest in log beta (thresholds on the raw,
+    pre-sigmoid output); the scale index then uses that table beta's std factor, so the
+    whole index is a comparison of integers with integer thresholds. ``per_channel``
+    shapes (a learned parameter, not an output) are indexed once, when built.
+    """
+
+    def __init__(self, scale_levels: int, beta_levels: int, channels: int) -> None:
+        super().__init__()
+        self.scale_levels = scale_levels
+        self.register_buffer("beta_thresholds", torch.zeros(max(beta_levels - 1, 0), dtype=torch.int64))
+        self.register_buffer("scale_thresholds", torch.zeros(beta_levels, max(scale_levels - 1, 0),
+                                                             dtype=torch.int64))
+        self.register_buffer("channel_beta_index", torch.zeros(channels, dtype=torch.int64))
+
+    @torch.no_grad()
+    def build(self, scale_table: Tensor, beta_table: Tensor, beta_range: tuple[float, float], frac: int,
+              std_factor: Callable[[Tensor], Tensor], channel_betas: Tensor | None = None) -> None:
+        beta_min, beta_max = beta_range
+        log_b = beta_table.to("cpu", torch.float64).log()
+        mids = torch.exp((log_b[1:] + log_b[:-1]) / 2)
+        raw = torch.logit(((mids - beta_min) / (beta_max - beta_min)).clamp(1e-12, 1 - 1e-12))
+        self.beta_thresholds.copy_(_thresholds(raw, frac))
+        factors = std_factor(beta_table.to("cpu", torch.float64))
+        table = scale_table.to("cpu", torch.float64).reshape(-1)[:-1]
+        self.scale_thresholds.copy_(_thresholds(factors[:, None] * table[None, :], frac))
+        if channel_betas is not None:
+            log_c = channel_betas.detach().to("cpu", torch.float64).reshape(-1).log()
+            self.channel_beta_index.copy_(torch.bucketize(log_c, (log_b[1:] + log_b[:-1]) / 2))
+
+    def forward(self, scales_int: Tensor, raw_int: Tensor | None) -> Tensor:
+        """Indexes ``beta_index * scale_levels + scale_index``; ``raw_int`` None = per-channel shapes."""
+        if raw_int is None:
+            beta_index = self.channel_beta_index[None, :, None, None].expand(scales_int.shape)
+        else:
+            beta_index = count_below(self.beta_thresholds, raw_int)
+        scale_index = torch.zeros_like(beta_index)
+        for j in range(self.scale_thresholds.shape[0]):
+            here = beta_index == j
+            if bool(here.any()):
+                scale_index[here] = count_below(self.scale_thresholds[j], scales_int[here])
+        return (beta_index * self.scale_levels + scale_index).int()

@@ -1,0 +1,157 @@
+"""Crafted .roic files with valid checksums: each decodes or raises BitstreamError, quickly,
+in a process that survives (the fuzz runs in a child process, so a crash fails the test)."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from pipeline.codec.bitstream import BitstreamError, serialize, unpack
+from pipeline.codec.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.codec.coding import decode, encode
+from pipeline.codec.models import build_model
+
+from conftest import TINY, image_and_mask
+
+FUZZ_MAX_PIXELS = 1 << 18  # keeps each decode of a large declared size short
+CASE_SECONDS = 30.0
+
+
+def craft(variant: str, fp: bytes, width: int, height: int, rate: float, roi_quality: float,
+          groups: list[list[bytes]], version: int = 2) -> bytes:
+    """A .roic file from raw fields, no validation, with a correct CRC."""
+    return serialize(variant.encode("latin-1"), fp, width, height, rate, roi_quality, groups, version)
+
+
+def mutations(data: bytes, seed: int) -> list[tuple[str, bytes]]:
+    """About 150 CRC-valid variations of a real file."""
+    header, groups = unpack(data)
+    rng = random.Random(seed)
+    fields = dict(variant=header.variant, fp=header.fingerprint, width=header.width, height=header.height,
+                  rate=header.rate, roi_quality=header.roi_quality, groups=groups)
+    cases = []
+
+    def add(name: str, **changes) -> None:
+        cases.append((name, craft(**{**fields, **changes})))
+
+    sides = [0, 1, 2, 63, 64, 65, 511, 4096, 40000, 65535, 65536, 2 ** 31, 2 ** 32 - 1]
+    for w in sides:
+        add(f"width={w}", width=w)
+        add(f"height={w}", height=w)
+    add("65536x65536", width=65536, height=65536)
+    for _ in range(6):
+        add("random size", width=rng.randrange(2 ** 32), height=rng.randrange(1, 700))
+    specials = [float("nan"), float("inf"), float("-inf"), -0.0, -1e-9, 1.0000001, 1e30, 0.0, 1.0]
+    for v in specials:
+        add(f"rate={v}", rate=v)
+        add(f"roi_quality={v}", roi_quality=v)
+    add("other variant", variant="sft" if header.variant != "sft" else "tlic")
+    add("unknown variant", variant="nope")
+    add("non-ascii variant", variant="t\xe9st")
+    add("empty variant", variant="")
+    add("other fingerprint", fp=bytes(8))
+    add("no groups", groups=[])
+    add("three groups", groups=[*groups, [b"x"]])
+    add("two y strings", groups=[[groups[0][0], groups[0][0]], groups[1]])
+    add("no z string", groups=[groups[0], []])
+    add("empty strings", groups=[[b""], [b""]])
+    add("version 3", version=3)
+    y, z = groups[0][0], groups[1][0]
+    for _ in range(60):
+        which = rng.choice(["y", "z"])
+        s = bytearray(y if which == "y" else z)
+        for _ in range(rng.choice([1, 1, 2, 8])):
+            if s:
+                s[rng.randrange(len(s))] = rng.randrange(256)
+        new = [[bytes(s)], [z]] if which == "y" else [[y], [bytes(s)]]
+        add(f"{which} bytes changed", groups=new)
+    for _ in range(30):
+        which = rng.choice(["y", "z"])
+        s = y if which == "y" else z
+        cut = s[:rng.randrange(len(s) + 1)]
+        add(f"{which} truncated to {len(cut)}", groups=[[cut], [z]] if which == "y" else [[y], [cut]])
+    for _ in range(10):
+        junk = bytes(rng.randrange(256) for _ in range(rng.choice([1, 7, 64, 4096])))
+        add("y extended", groups=[[y + junk], [z]])
+    add("all 0xff y", groups=[[b"\xff" * len(y)], [z]])
+    add("all 0xff z", groups=[[y], [b"\xff" * len(z)]])
+    add("swapped strings", groups=[[z], [y]])
+    return cases
+
+
+def classify(fn: Callable[[], object]) -> tuple[str, float]:
+    """``("ok" | "BitstreamError" | "other: <type>: <message>", seconds)`` of one decode."""
+    t0 = time.perf_counter()
+    try:
+        fn()
+        outcome = "ok"
+    except BitstreamError:
+        outcome = "BitstreamError"
+    except Exception as exc:  # noqa: BLE001 - any other type is what the test looks for
+        outcome = f"other: {type(exc).__name__}: {exc}"
+    return outcome, time.perf_counter() - t0
+
+
+def run_fuzz(checkpoints: list[str], files: list[str], out: str) -> None:
+    """Child-process body: decode every mutation of every file; write the outcomes as JSON."""
+    torch.set_num_threads(1)
+    rows = []
+    for ckpt, path in zip(checkpoints, files):
+        model = load_checkpoint(ckpt)
+        for i, (name, data) in enumerate(mutations(Path(path).read_bytes(), seed=len(rows))):
+            outcome, seconds = classify(lambda: decode(model, data, max_pixels=FUZZ_MAX_PIXELS))
+            rows.append({"file": path, "case": name, "outcome": outcome, "seconds": seconds})
+    Path(out).write_text(json.dumps(rows))
+
+
+def test_the_harness_reports_other_exceptions_and_slow_decodes():
+    assert classify(lambda: (_ for _ in ()).throw(RuntimeError("boom")))[0].startswith("other: RuntimeError")
+    assert classify(lambda: (_ for _ in ()).throw(BitstreamError("bad")))[0] == "BitstreamError"
+    assert classify(lambda: time.sleep(0.2))[1] >= 0.2
+
+
+@pytest.mark.timeout(900)
+def test_crafted_files_decode_or_raise_bitstream_error(tmp_path, trained):
+    checkpoints, files = [], []
+    for variant, model in (("sft", trained("sft")), ("ggm", build_model("ggm", **TINY).eval())):
+        ckpt = save_checkpoint(model, tmp_path / f"{variant}.pt")
+        x, m = image_and_mask(150, 200, seed=11)
+        (tmp_path / f"{variant}.roic").write_bytes(encode(model, x, m, 0.3, 0.9))
+        checkpoints.append(str(ckpt))
+        files.append(str(tmp_path / f"{variant}.roic"))
+    out = tmp_path / "fuzz.json"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from test_hostile_files import run_fuzz; "
+            "run_fuzz(sys.argv[2].split(','), sys.argv[3].split(','), sys.argv[4])")
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), ",".join(checkpoints),
+                           ",".join(files), str(out)], capture_output=True, text=True, timeout=840)
+    assert proc.returncode == 0, f"decoder process died (exit {proc.returncode}): {proc.stderr[-2000:]}"
+    rows = json.loads(out.read_text())
+    assert len(rows) >= 200
+    bad = [r for r in rows if r["outcome"].startswith("other")]
+    assert not bad, bad[:5]
+    slow = [r for r in rows if r["seconds"] > CASE_SECONDS]
+    assert not slow, slow[:5]
+    outcomes = {r["outcome"] for r in rows}
+    assert outcomes == {"ok", "BitstreamError"}  # both kinds occur: payload garbage decodes to something
+    huge = [r for r in rows if r["case"] == "65536x65536"]
+    assert all(r["outcome"] == "BitstreamError" for r in huge) and len(huge) == 2
+
+
+def test_pixel_limit_is_a_one_line_bitstream_error(untrained):
+    model = untrained["tlic"]
+    x, _ = image_and_mask(64, 64, seed=3)
+    header, groups = unpack(encode(model, x))
+    data = craft(header.variant, header.fingerprint, 65536, 65536, header.rate, header.roi_quality, groups)
+    with pytest.raises(BitstreamError, match="65536x65536 pixels, more than the decoder's limit"):
+        decode(model, data)
+    small = craft(header.variant, header.fingerprint, 64, 64, header.rate, header.roi_quality, groups)
+    with pytest.raises(BitstreamError, match="limit of 100"):
+        decode(model, small, max_pixels=100)
