@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--float64", action="store_true",
                    help="run the synthesis in float64: the same 8-bit image on every machine, not "
                         "just the same symbols (float32 may differ by one level at a few pixels); "
-                        "about 2.5x slower")
+                        "about 2.8x slower")
     p.set_defaults(func=_cmd_decompress)
 
     p = sub.add_parser("convert", help="convert an old checkpoint to the portable format",

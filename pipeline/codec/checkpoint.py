@@ -9,6 +9,7 @@ A format-1 checkpoint (float weights only) is refused with the command that conv
 from __future__ import annotations
 
 import hashlib
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +26,31 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be loaded as a roicodec model."""
 
 
+_FINGERPRINTS: "weakref.WeakKeyDictionary[ROICodec, tuple[tuple, bytes]]" = weakref.WeakKeyDictionary()
+
+
 def fingerprint(model: ROICodec) -> bytes:
     """8 bytes identifying the model: a hash of its variant, config, parameters and coding state.
 
     Parameters and float buffers count as float32 (a copy cast to float64 or moved to a GPU
     keeps its fingerprint), integer buffers (CDF tables, the integer hyper-decoder) as int64.
+    Cached per model until a tensor of its state changes (PyTorch's version counters).
     """
+    state = model.state_dict()
+    key = tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for name, t in state.items())
+    cached = _FINGERPRINTS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     h = hashlib.sha256(f"{model.variant}:{sorted(model.config.items())}".encode())
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(state.items()):
         t = t.detach().to("cpu")
         t = t.to(torch.float32) if t.is_floating_point() else t.to(torch.int64)
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.contiguous().numpy().tobytes())
-    return h.digest()[:FINGERPRINT_BYTES]
+    digest = h.digest()[:FINGERPRINT_BYTES]
+    _FINGERPRINTS[model] = (key, digest)
+    return digest
 
 
 def save_checkpoint(model: ROICodec, path: str | Path, extra: dict[str, Any] | None = None) -> Path:

@@ -47,7 +47,7 @@ def decode(model: ROICodec, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     The decoded symbols are the same on every machine. The synthesis transform runs in the
     model's precision (float32): another machine's rounding noise can move a pixel by one
     level where a value sits at a rounding tie. ``float64=True`` runs it in float64 (about
-    2.5x the decode time on CPU), where that noise (~1e-16) has not changed a pixel in any
+    2.8x the decode time on CPU), where that noise (~1e-16) has not changed a pixel in any
     of our checks: the same 8-bit image everywhere.
 
     Any file that cannot be decoded (damaged, another model's, declaring more than
