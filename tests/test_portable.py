@@ -154,3 +154,17 @@ def test_old_formats_are_refused_clearly_and_old_checkpoints_convert(tmp_path):
     assert fingerprint(loaded) == fingerprint(converted)
     out = decode(loaded, encode(loaded, x, m, 0.5, 0.5))
     assert out.shape == x.shape
+
+
+def test_a_training_run_from_before_format_2_resumes(tmp_path, untrained):
+    """Ray Train's resume loads model.pt itself: a format-1 one (no coding state) loads too."""
+    from pipeline.train.loop import MODEL_FILE, STATE_FILE, load_training_checkpoint
+
+    model = untrained["sft"]
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith(("hyper_int.", "table_index."))}
+    torch.save({"format": "roicodec-checkpoint/1", "variant": "sft", "config": model.config,
+                "state_dict": old, "extra": {}}, tmp_path / MODEL_FILE)
+    torch.save({"step": 5}, tmp_path / STATE_FILE)
+    fresh = build_model("sft", **TINY)
+    assert load_training_checkpoint(tmp_path, fresh)["step"] == 5
+    assert torch.equal(fresh.enc_convs[0].weight, model.enc_convs[0].weight)

@@ -58,7 +58,7 @@ from typing import Any, Iterator
 
 import torch
 
-from pipeline.codec.checkpoint import save_checkpoint
+from pipeline.codec.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 from pipeline.codec.coding import bits_per_pixel as file_bpp
 from pipeline.codec.coding import decode, encode
 from pipeline.codec.models import ROICodec, build_model
@@ -173,7 +173,9 @@ def load_training_checkpoint(directory: str | Path, model: ROICodec) -> dict[str
     blob = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
     if blob.get("variant") != model.variant:
         raise ValueError(f"checkpoint holds variant {blob.get('variant')!r}, training {model.variant!r}")
-    model.load_state_dict(blob["state_dict"])
+    # a run started before checkpoint format 2 resumes too: the coding state it lacks is
+    # derived, and rebuilt by the next checkpoint's update()
+    model.load_state_dict(blob["state_dict"], strict=blob.get("format") == CHECKPOINT_FORMAT)
     return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
 
 
