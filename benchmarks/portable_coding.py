@@ -37,11 +37,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.codec.bitstream import unpack
 from pipeline.codec.checkpoint import load_checkpoint
 from pipeline.codec.coding import bits_per_pixel, decode, encode, image_to_tensor, open_image, tensor_to_image
 from pipeline.codec.models import ROICodec
-from pipeline.codec.numerics import PERTURBATIONS
+from pipeline.codec.numerics import PERTURBATIONS, coded_state
 from pipeline.eval.metrics import psnr
 from pipeline.eval.rd import bd_rate
 
@@ -75,17 +74,6 @@ def float_twin(model: ROICodec) -> ROICodec:
     twin = copy.deepcopy(model)
     twin._entropy_parameters = twin.float_entropy_parameters
     return twin
-
-
-def coded_state(model: ROICodec, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-    """Table indexes and decoded y symbols of a file (NaN symbols if decoding fell apart)."""
-    header, groups = unpack(data)
-    shape = (-(-header.height // model.stride), -(-header.width // model.stride))
-    with torch.no_grad():
-        z_hat = model.entropy_bottleneck.decompress(groups[1], shape)
-        indexes, means = model._entropy_parameters(z_hat)
-        y_hat = model._latent_decompress(groups[0], z_hat)
-    return indexes, torch.round(y_hat.double() - means.double())
 
 
 def rd_curve(model: ROICodec, x: torch.Tensor, rates: list[float]) -> tuple[list[float], list[float]]:

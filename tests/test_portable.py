@@ -15,7 +15,7 @@ from pipeline.codec.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, conve
 from pipeline.codec.coding import decode, encode, tensor_to_image
 from pipeline.codec.integer import hyper_latent_samples
 from pipeline.codec.models import ROICodec, build_model
-from pipeline.codec.numerics import PERTURBATIONS
+from pipeline.codec.numerics import PERTURBATIONS, coded_state
 from pipeline.train.local import train_local
 
 from conftest import TINY, VARIANTS, image_and_mask
@@ -33,17 +33,6 @@ def briefly_trained(variant: str) -> ROICodec:
                     steps=150, batch=8, crop=64, lr=2e-3)
         _BRIEF[variant] = model
     return _BRIEF[variant]
-
-
-def coded_state(model: ROICodec, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-    """The table indexes and decoded y symbols of a file (what the coder sees)."""
-    header, groups = unpack(data)
-    shape = (-(-header.height // 64), -(-header.width // 64))
-    with torch.no_grad():
-        z_hat = model.entropy_bottleneck.decompress(groups[1], shape)
-        indexes, means = model._entropy_parameters(z_hat)
-        y_hat = model._latent_decompress(groups[0], z_hat)
-    return indexes, torch.round(y_hat.double() - means.double())
 
 
 def perturbed(model: ROICodec, name: str):

@@ -40,6 +40,11 @@ def encode(model: ROICodec, x: torch.Tensor, mask: torch.Tensor | None = None,
     return pack(header, out["strings"])
 
 
+def hyper_latent_shape(model: ROICodec, header: RoicHeader) -> tuple[int, int]:
+    """The hyper-latent grid (h, w) of a file: its image size over the model's stride, rounded up."""
+    return -(-header.height // model.stride), -(-header.width // model.stride)
+
+
 def decode(model: ROICodec, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
            float64: bool = False) -> torch.Tensor:
     """Decode ``.roic`` bytes to a (1,3,H,W) float32 image in [0,1].
@@ -67,8 +72,7 @@ def decode(model: ROICodec, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     if header.width * header.height > max_pixels:
         raise BitstreamError(f".roic header declares {header.width}x{header.height} pixels, more than "
                              f"the decoder's limit of {max_pixels} (raise it with --max-pixels)")
-    s = model.stride
-    shape = (-(-header.height // s), -(-header.width // s))
+    shape = hyper_latent_shape(model, header)
     if float64:
         model = copy.deepcopy(model).double()
     try:

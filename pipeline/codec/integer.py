@@ -196,8 +196,9 @@ class IntegerHyperSynthesis(nn.Module):
         z_peak = z_bound + float(medians.abs().max())
         fractions = [min(MAX_FRAC, math.floor(math.log2(ACT_MAX / max(z_peak, 1e-9))))]
         peaks = []
+        layers = _conv_layers(h_s)
         x = calibration_z.detach().to("cpu", torch.float64)
-        for layer, act in _conv_layers(h_s):
+        for layer, act in layers:
             w = layer.weight.detach().to("cpu", torch.float64)
             b = None if layer.bias is None else layer.bias.detach().to("cpu", torch.float64)
             if isinstance(layer, nn.ConvTranspose2d):
@@ -210,8 +211,7 @@ class IntegerHyperSynthesis(nn.Module):
         for peak in peaks:
             headroom = max(peak, 1e-9) * 2 ** HEADROOM_BITS
             fractions.append(min(MAX_FRAC, math.floor(math.log2(ACT_MAX / headroom))))
-        for (layer, _), int_layer, f_in, f_out in zip(_conv_layers(h_s), self.layers, fractions[:-1],
-                                                      fractions[1:]):
+        for (layer, _), int_layer, f_in, f_out in zip(layers, self.layers, fractions[:-1], fractions[1:]):
             int_layer.quantize(layer, f_in, f_out)
         self.fractions.copy_(torch.tensor(fractions, dtype=torch.int64))
         self.z_median.copy_(torch.round(medians * 2.0 ** fractions[0]).to(torch.int64))

@@ -18,6 +18,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import pipeline.codec.integer as integer
+from pipeline.codec.bitstream import unpack
+from pipeline.codec.coding import hyper_latent_shape
+from pipeline.codec.models import ROICodec
+
+
+def coded_state(model: ROICodec, data: bytes) -> tuple[Tensor, Tensor]:
+    """The table indexes and decoded y symbols of a ``.roic`` file: what the entropy coder sees."""
+    header, groups = unpack(data)
+    with torch.no_grad():
+        z_hat = model.entropy_bottleneck.decompress(groups[1], hyper_latent_shape(model, header))
+        indexes, means = model._entropy_parameters(z_hat)
+        y_hat = model._latent_decompress(groups[0], z_hat)
+    return indexes, torch.round(y_hat.double() - means.double())
 
 
 def conv2d_unfold(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
