@@ -81,6 +81,24 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_warm_start(args: argparse.Namespace) -> int:
+    from pipeline.codec.checkpoint import save_checkpoint
+    from pipeline.codec.warm_start import rate_of_point, warm_started
+    from pipeline.train.loss import rate_lambdas
+
+    lambdas = rate_lambdas(args.n_rates, args.alpha_low, args.alpha_high)
+    model, report = warm_started(args.variant, args.weights, lambdas, args.init_lambda)
+    model.eval()
+    save_checkpoint(model, args.output, extra={"step": 0, "init": report.as_dict(), "lambda_low": args.alpha_low,
+                                               "lambda_high": args.alpha_high})
+    print("\n".join(report.lines()))
+    if report.rate_point is not None:
+        rate = rate_of_point(model, report.rate_point)
+        print(f"{args.output}: untrained {model.variant} checkpoint; --rate {rate:g} codes as the weights did "
+              f"(fine-tune with jobs/train.py --init {args.weights})")
+    return 0
+
+
 class _OneLineErrorParser(argparse.ArgumentParser):
     """Usage errors as one line on stderr (exit code 2), like every other error."""
 
@@ -144,6 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="input checkpoint (.pt)")
     p.add_argument("output", help="output checkpoint (.pt)")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("warm-start", help="make a checkpoint from CompressAI's pretrained weights",
+                       description="Build a codec variant from CompressAI's pretrained mean-scale hyperprior "
+                                   "(or another weights file, see jobs/train.py --init) without training: "
+                                   "the pretrained layers copied, ROI layers at the identity, the gain units "
+                                   "at the identity for the rate point nearest the weights' lambda. tlic's "
+                                   "latent scaling works untrained; the other variants' ROI layers need the "
+                                   "fine-tuning of jobs/train.py --init.")
+    p.add_argument("weights", help="compressai:mbt2018-mean:Q (from the torch hub cache; nothing is downloaded) "
+                                   "or a weights file")
+    p.add_argument("output", help="output checkpoint (.pt)")
+    p.add_argument("--variant", default="tlic", help="codec variant: tlic, sft, tma or ggm (default tlic)")
+    p.add_argument("--n-rates", type=positive_int, default=4, help="rate points of the gain units (default 4)")
+    p.add_argument("--alpha-low", type=positive, default=0.0035, help="lambda of the lowest rate point")
+    p.add_argument("--alpha-high", type=positive, default=0.0483, help="lambda of the highest rate point")
+    p.add_argument("--init-lambda", type=positive,
+                   help="lambda the weights were trained for (default: the zoo quality's; a file: the middle "
+                        "rate point)")
+    p.set_defaults(func=_cmd_warm_start)
 
     p = sub.add_parser("evaluate", help=EVALUATE_HELP, description=EVALUATE_DESCRIPTION,
                        epilog=EVALUATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

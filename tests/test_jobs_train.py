@@ -34,7 +34,8 @@ def test_help_explains_the_options(capsys):
     for opt in ("--variant", "--shards", "--num-workers", "--use-gpu", "--steps", "--batch-size", "--crop", "--lr",
                 "--alpha-low", "--alpha-high", "--omega", "--lambda-norm", "--roi-crops", "--lr-drop",
                 "--ms-ssim-weight", "--checkpoint-every", "--keep",
-                "--max-failures", "--run-name", "--storage-path", "--mlflow-uri", "--experiment", "--smoke"):
+                "--max-failures", "--run-name", "--storage-path", "--mlflow-uri", "--experiment", "--smoke",
+                "--init", "--init-lambda"):
         assert opt in res.stdout
     ggm = _run_in_process(capsys, "jobs/train_ggm.py", "--help")
     assert ggm.returncode == 0 and "--variant" not in ggm.stdout
@@ -47,6 +48,9 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     res = _run_in_process(capsys, "jobs/train.py", "--smoke", "--crop", "100",
                           "--storage-path", str(tmp_path))
     assert res.returncode == 2 and "multiple of 64" in res.stderr
+    res = _run_in_process(capsys, "jobs/train.py", "--smoke", "--init", str(tmp_path / "missing.pth"),
+                          "--storage-path", str(tmp_path))
+    assert res.returncode == 2 and res.stderr.strip() == f"error: init weights not found: {tmp_path / 'missing.pth'}"
 
 
 @pytest.mark.slow

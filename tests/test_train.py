@@ -163,12 +163,22 @@ def shards(tmp_path_factory):
     return write_smoke_shards(tmp_path_factory.mktemp("shards"), n_images=10, size=80, error_rows=1)
 
 
+INIT_OUTPUT_BIAS = 0.5  # a value no random init of g_s's last bias comes near (|b| < 0.12)
+
+
 @pytest.fixture(scope="module")
 def first_run(ray_local, shards, tmp_path_factory):
-    """A 2-worker run of 6 steps whose rank 0 dies once before step 5 (checkpoint at 3)."""
+    """A 2-worker run of 6 steps, warm-started from a CompressAI MeanScaleHyperprior state dict,
+    whose rank 0 dies once before step 5 (checkpoint at 3)."""
+    from compressai.models import MeanScaleHyperprior
+
     storage = tmp_path_factory.mktemp("runs")
+    weights = MeanScaleHyperprior(TINY["N"], TINY["M"]).state_dict()
+    weights["g_s.6.bias"].fill_(INIT_OUTPUT_BIAS)
+    torch.save(weights, storage / "msh.pth")
     marker = storage / "failed-once"
-    outcome = train(_config(shards, storage, "two-workers", fail_at_step=4, fail_marker=str(marker)))
+    outcome = train(_config(shards, storage, "two-workers", fail_at_step=4, fail_marker=str(marker),
+                            init=str(storage / "msh.pth")))
     return storage, outcome
 
 
@@ -190,12 +200,17 @@ def test_two_worker_run_writes_checkpoints_and_mlflow(first_run):
     assert run.info.run_name == "two-workers" and run.info.status == "FINISHED"
     assert run.data.tags["ray_train_run_name"] == "two-workers"
     assert run.data.params["num_workers"] == "2" and run.data.params["variant"] == "tlic"
+    # warm-started: MLflow records the source, the workers started from it (6 Adam steps of lr 2e-3 since)
+    assert run.data.params["init"] == str(storage / "msh.pth")
+    assert "MeanScaleHyperprior weights N=16 M=24" in run.data.tags["init_source"]
+    assert run.data.tags["init_fresh_layers"] == "none" and run.data.tags["init_rate_point"] == "1"
+    assert (model.g_s[6].bias - INIT_OUTPUT_BIAS).abs().max() < 0.05
     steps = {m.step for m in c.get_metric_history(out.mlflow_run_id, "train/loss")}
     assert steps == {1, 2, 3, 4, 5, 6}  # every step reached MLflow
     assert {m.step for m in c.get_metric_history(out.mlflow_run_id, "val_loss")} == {3, 6}
     assert c.get_metric_history(out.mlflow_run_id, "rd/q0_r0/bpp")  # real bitstream bpp at an RD point
     artifacts = {a.path for a in c.list_artifacts(out.mlflow_run_id)}
-    assert {"rd_points.json", "checkpoint"} <= artifacts
+    assert {"rd_points.json", "checkpoint", "warm_start.json"} <= artifacts
     rd = json.loads(Path(c.download_artifacts(out.mlflow_run_id, "rd_points.json", str(storage / "dl")))
                     .read_text())
     assert {(p["roi_quality"], p["rate"]) for p in rd["points"]} == {(1.0, 1.0), (0.0, 0.0)}

@@ -102,11 +102,17 @@ class IntegerConv(nn.Module):
         peak = w.abs().amax(dim=(1, 2, 3))
         w_frac = torch.where(peak > 0, torch.floor(torch.log2(WEIGHT_MAX / peak.clamp_min(1e-300))),
                              torch.full_like(peak, MAX_FRAC)).clamp(max=MAX_FRAC)
-        w_int = torch.round(w * torch.pow(2.0, w_frac)[:, None, None, None]).clamp(-WEIGHT_MAX, WEIGHT_MAX)
-        acc_frac = w_frac + in_frac
         b = layer.bias.detach().to("cpu", torch.float64) if layer.bias is not None else torch.zeros_like(peak)
-        b_int = torch.round(b * torch.pow(2.0, acc_frac))
-        bound = self.fan_in() * ACT_MAX * w_int.abs().amax(dim=(1, 2, 3)) + b_int.abs()
+        for _ in range(MAX_FRAC + 64):
+            w_int = torch.round(w * torch.pow(2.0, w_frac)[:, None, None, None]).clamp(-WEIGHT_MAX, WEIGHT_MAX)
+            acc_frac = w_frac + in_frac
+            b_int = torch.round(b * torch.pow(2.0, acc_frac))
+            bound = self.fan_in() * ACT_MAX * w_int.abs().amax(dim=(1, 2, 3)) + b_int.abs()
+            over = bound >= ACC_LIMIT
+            if not bool(over.any()):
+                break
+            # a large bias next to small (or zero: a constant output) weights: coarser fixed point
+            w_frac = w_frac - over.to(w_frac.dtype)
         if bool((bound >= ACC_LIMIT).any()):
             raise ValueError(f"integer layer accumulator bound {float(bound.max()):.3g} exceeds 2^52 "
                              "(fan-in too large for exact float64 sums)")

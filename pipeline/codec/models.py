@@ -121,6 +121,19 @@ class ROICodec(CompressionModel):
     def analysis(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # warm start from CompressAI's MeanScaleHyperprior (pipeline.codec.warm_start)
+    @classmethod
+    def warm_start_names(cls) -> dict[str, str]:
+        """Where this variant keeps MeanScaleHyperprior's layers: ``{its module: ours}``, identity if absent."""
+        return {}
+
+    def adapt_warm_start(self, name: str, value: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+        """The pretrained ``value`` for our tensor ``name``, and why it was changed (None: as is)."""
+        return value, None
+
+    def finish_warm_start(self, adapted: dict[str, str]) -> None:
+        """Set what the pretrained weights lack but must match them (recorded in ``adapted``)."""
+
     def synthesis(self, y_hat: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
         return self.g_s(y_hat)  # variants without their own synthesis define ``g_s``
 
@@ -324,6 +337,14 @@ class SFTCodec(ROICodec):
     def config(self) -> dict[str, Any]:
         return {**super().config, "cond_channels": self.cond_channels}
 
+    @classmethod
+    def warm_start_names(cls) -> dict[str, str]:
+        names = {f"g_a.{2 * i}": f"enc_convs.{i}" for i in range(4)}
+        names.update({f"g_a.{2 * i + 1}": f"enc_gdns.{i}" for i in range(3)})
+        names.update({f"g_s.{2 * i}": f"dec_convs.{i}" for i in range(4)})
+        names.update({f"g_s.{2 * i + 1}": f"dec_gdns.{i}" for i in range(3)})
+        return names
+
     def analysis(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.enc_gdns[0](self.enc_convs[0](x))
         for conv_k, gdn, cond, sft in zip(self.enc_convs[1:], [*self.enc_gdns[1:], None],
@@ -367,6 +388,11 @@ class TMA(ROICodec):
     def analysis(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.attention(self.g_a(torch.cat([x, mask], dim=1)), mask)
 
+    def adapt_warm_start(self, name: str, value: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+        if name == "g_a.0.weight" and value.shape[1] == 3:
+            return torch.cat([value, torch.zeros_like(value[:, :1])], 1), "mask input channel at zero"
+        return value, None
+
 
 @register_model("ggm")
 class GGMCodec(SFTCodec):
@@ -396,6 +422,31 @@ class GGMCodec(SFTCodec):
 
     def _entropy_param_channels(self) -> int:
         return (3 if self.beta_mode == "element" else 2) * self.M
+
+    GAUSSIAN_BETA = 2.0
+
+    def _gaussian_raw_beta(self) -> float:
+        """The pre-sigmoid shape whose bounded beta is 2 (the Gaussian)."""
+        low, high = self.gg_conditional.beta_range
+        return math.log((self.GAUSSIAN_BETA - low) / (high - self.GAUSSIAN_BETA))
+
+    def adapt_warm_start(self, name: str, value: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+        last = f"h_s.{len(self.h_s) - 1}."
+        if not name.startswith(last) or value.shape[0] != 2 * self.M:
+            return value, None
+        # A Gaussian of std sigma is the generalized Gaussian of beta 2 and scale sigma * sqrt(2).
+        scales, means = value.chunk(2, 0)
+        parts = [scales * math.sqrt(2.0), means]
+        if self.beta_mode == "element":
+            fill = 0.0 if name.endswith("weight") else self._gaussian_raw_beta()
+            parts.append(torch.full_like(scales, fill))
+        return torch.cat(parts, 0), "generalized Gaussian at beta 2 (scale outputs x sqrt 2, shape outputs beta 2)"
+
+    @torch.no_grad()
+    def finish_warm_start(self, adapted: dict[str, str]) -> None:
+        if self.beta_mode == "channel":
+            self.beta_logits.fill_(self._gaussian_raw_beta())
+            adapted["beta_logits"] = "beta 2 (the Gaussian the weights were trained with)"
 
     def _gg_params(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         params = self.h_s(z_hat)

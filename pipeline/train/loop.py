@@ -256,6 +256,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_training_checkpoint(d, model)
+    elif config.get("_init") is not None:  # a fresh warm-started run (the driver did the warm start)
+        model.load_state_dict(ray.get(config["_init"]))
     start_step = int(state["step"]) if state else 0
     total = int(config["steps"])
 

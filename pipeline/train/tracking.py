@@ -21,6 +21,8 @@ Who logs what:
   a Ray Train worker-group callback): the tag ``worker_nodes`` (JSON: node id ->
   node IP and world ranks, rewritten when a failure restarts the group) and
   ``worker_node_count``, so a multi-node run shows its placement in MLflow.
+- The **driver** before ``fit`` logs a warm start (:func:`log_warm_start`): the source of
+  the initial weights and which layers started fresh.
 - The **driver** after ``fit`` (:func:`finish_run`): the RD points as a JSON artifact
   (``rd_points.json``), the final checkpoint's ``model.pt`` as the artifact
   ``checkpoint/model.pt``, a new version of the registered model (plain artifact
@@ -269,6 +271,20 @@ class WorkerPlacementCallback(_WorkerGroupCallback or object):
 def placement_callbacks(tracking_uri: str, run_id: str) -> list[Any]:
     """``[WorkerPlacementCallback]`` where this Ray Train has worker-group callbacks, else ``[]``."""
     return [WorkerPlacementCallback(tracking_uri, run_id)] if _WorkerGroupCallback is not None else []
+
+
+def log_warm_start(tracking_uri: str, run_id: str, report: dict[str, Any]) -> None:
+    """What a warm-started run began from: tags ``init_source``, ``init_fresh_layers``,
+    ``init_rate_point`` and the whole report as the artifact ``warm_start.json``."""
+    c = client(tracking_uri)
+    c.set_tag(run_id, "init_source", str(report["source"])[:5000])
+    c.set_tag(run_id, "init_fresh_layers", (", ".join(report["fresh"]) or "none")[:5000])
+    if report.get("rate_point") is not None:
+        c.set_tag(run_id, "init_rate_point", str(report["rate_point"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "warm_start.json"
+        path.write_text(json.dumps(report, indent=1))
+        c.log_artifact(run_id, str(path))
 
 
 def finish_run(tracking_uri: str, run_id: str, *, checkpoint_dir: str | Path | None,

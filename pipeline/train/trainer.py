@@ -99,6 +99,8 @@ class TrainConfig:
     shards: str | list[str] = ""
     variant: str = "tma"
     model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
+    init: str | None = None  # warm start: compressai:mbt2018-mean:Q or a weights file (pipeline.codec.warm_start)
+    init_lambda: float | None = None  # the lambda the init weights were trained for (default: the zoo's)
     steps: int = 10_000
     batch_size: int = 8
     crop: int = 256
@@ -165,6 +167,8 @@ class TrainConfig:
                 raise TrainError(f"{name} must be at least 1, got {getattr(c, name)}")
         if c.max_failures < 0:
             raise TrainError("max_failures must be >= 0")
+        if c.init_lambda is not None and not c.init_lambda > 0:
+            raise TrainError(f"init lambda must be positive, got {c.init_lambda}")
         if not 0 < c.lambda_low <= c.lambda_high:
             raise TrainError(f"need 0 < alpha-low <= alpha-high, got {c.lambda_low}, {c.lambda_high}")
         try:
@@ -220,6 +224,20 @@ def _check_variant(variant: str) -> None:
         raise TrainError(f"codec variant {variant!r} is not registered (available: {', '.join(sorted(MODELS))})")
 
 
+def warm_start_state(cfg: TrainConfig) -> tuple[dict[str, Any], Any]:
+    """The model state every worker of a fresh run starts from, warm-started from ``cfg.init``,
+    and the :class:`~pipeline.codec.warm_start.WarmStartReport`. Raises :class:`TrainError`."""
+    from pipeline.codec.warm_start import InitError, warm_started
+    from pipeline.train.loss import rate_lambdas
+
+    lambdas = rate_lambdas(cfg.model.get("n_rates", DEFAULT_MODEL["n_rates"]), cfg.lambda_low, cfg.lambda_high)
+    try:
+        model, report = warm_started(cfg.variant, cfg.init, lambdas, cfg.init_lambda, **cfg.model)
+    except InitError as exc:
+        raise TrainError(str(exc)) from None
+    return model.state_dict(), report
+
+
 def run_config(cfg: TrainConfig, run_id: str, scored: bool = True):  # -> ray.train.RunConfig
     """Ray Train's ``RunConfig`` of a resolved config: ``storage_path`` as given (a path or a
     URI), checkpoint retention, failure retries, and the MLflow callbacks (``run_id``)."""
@@ -248,6 +266,7 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
         plan = plan_shards(cfg.shards, cfg.val_fraction)  # bad data fails here, before Ray starts
     except DatasetError as exc:
         raise TrainError(str(exc)) from None
+    init_state, init_report = warm_start_state(cfg) if cfg.init else (None, None)  # bad weights fail here too
     ensure_ray()
     try:
         data = training_datasets(plan, crop=cfg.crop, val_crop=cfg.val_crop, val_fraction=cfg.val_fraction,
@@ -263,6 +282,11 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
               "train_rows": data.train_rows, "crops_per_image_used": data.crops_per_image}
     run_id, resumed = tracking.start_run(cfg.mlflow_uri, cfg.experiment, cfg.run_name, params,
                                          tags={tracking.STORAGE_TAG: cfg.storage_path, "variant": cfg.variant})
+    init_ref = None
+    if init_report is not None:
+        sys.stdout.write("\n".join(init_report.lines()) + "\n")
+        tracking.log_warm_start(cfg.mlflow_uri, run_id, init_report.as_dict())
+        init_ref = ray.put(init_state)  # used by the workers only when there is no checkpoint to resume
     finished = latest_checkpoint(cfg.storage_path, cfg.run_name) if resumed else None
     if finished is not None and finished[0] >= cfg.steps:
         # a re-submitted finished run: nothing to train, so no workers to start
@@ -274,6 +298,7 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={**cfg.loop_config(), "mlflow_run_id": run_id, "_val": val_ref,
+                                                   "_init": init_ref,
                                                    "shuffle_buffer": max(4 * cfg.batch_size, 64)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
@@ -386,6 +411,14 @@ def build_parser(variant: str | None = None, description: str | None = None) -> 
     p.add_argument("--N", type=int, dest="n_channels", help="codec width N (default 128, 16 with --smoke)")
     p.add_argument("--M", type=int, dest="m_channels", help="latent channels M (default 192, 24 with --smoke)")
     p.add_argument("--n-rates", type=int, help="trained rate points of the gain units (default 4, 2 with --smoke)")
+    p.add_argument("--init", metavar="WEIGHTS",
+                   help="warm start a new run from compressai:mbt2018-mean:Q (CompressAI's pretrained weights of "
+                        "quality 1-8, read from the torch hub cache) or a file (a CompressAI MeanScaleHyperprior "
+                        "state dict, or one of our checkpoints of the same variant); N and M default to the "
+                        "weights'. Ignored when the run resumes from its own checkpoint")
+    p.add_argument("--init-lambda", type=float,
+                   help="lambda the --init weights were trained for: the rate point nearest it starts exactly as "
+                        "those weights (default: the zoo quality's lambda; for a file, the middle rate point)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4, 2e-3 with --smoke)")
     p.add_argument("--lr-drop", type=float, default=0.1,
                    help="share of the steps, at the end, that run at lr / 10")
@@ -445,11 +478,13 @@ def config_from_args(args: argparse.Namespace, variant: str | None = None) -> Tr
     def pick(value: Any, normal: Any, small: Any) -> Any:
         return value if value is not None else (small if smoke else normal)
 
-    base = SMOKE_MODEL if smoke else DEFAULT_MODEL
+    base = dict(SMOKE_MODEL if smoke else DEFAULT_MODEL)
+    if args.init:
+        base.update(_init_shape(args.init))
     model = {"N": pick(args.n_channels, base["N"], base["N"]), "M": pick(args.m_channels, base["M"], base["M"]),
              "n_rates": pick(args.n_rates, base["n_rates"], base["n_rates"])}
     return TrainConfig(
-        shards=shards or "", variant=variant, model=model,
+        shards=shards or "", variant=variant, model=model, init=args.init, init_lambda=args.init_lambda,
         steps=pick(args.steps, 10_000, 80), batch_size=pick(args.batch_size, 8, 4), crop=pick(args.crop, 256, 64),
         crops_per_image=args.crops_per_image, saliency_weight=args.saliency_weight,
         roi_crop_fraction=args.roi_crop_fraction, lr_drop=args.lr_drop, lambda_norm=args.lambda_norm,
@@ -464,6 +499,17 @@ def config_from_args(args: argparse.Namespace, variant: str | None = None) -> Tr
         run_name=args.run_name or (f"smoke-{variant}-{time.strftime('%Y%m%d-%H%M%S')}" if smoke else None),
         storage_path=storage, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
         registered_model=args.registered_model, seed=args.seed)
+
+
+def _init_shape(spec: str) -> dict[str, int]:
+    """N and M of the ``--init`` weights (one line :class:`TrainError` if they cannot be read)."""
+    from pipeline.codec.warm_start import InitError, load_init_source
+
+    try:
+        source = load_init_source(spec)
+    except InitError as exc:
+        raise TrainError(str(exc)) from None
+    return {"N": source.N, "M": source.M}
 
 
 def cli_main(argv: Sequence[str] | None = None, *, variant: str | None = None,
