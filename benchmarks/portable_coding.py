@@ -19,7 +19,6 @@ chosen by result), prints one JSON object:
 - ``clamped_fraction``: share of the integer hyper-decoder's activations that hit the clamp.
 
     python benchmarks/portable_coding.py [--checkpoint PATH] [--photos 7] [--rates 5] [--repeats 5]
-    (needs scikit-image: pip install scikit-image)
 """
 
 from __future__ import annotations
@@ -57,10 +56,8 @@ def latest_demo_checkpoint(root: Path = Path("demo_out/runs")) -> Path:
 
 
 def photos(n: int) -> list[tuple[str, torch.Tensor]]:
-    try:
-        import skimage.data
-    except ImportError:
-        raise SystemExit("this benchmark needs scikit-image for its photos: pip install scikit-image") from None
+    import skimage.data
+
     out = []
     for name in PHOTOS[:n]:
         arr = getattr(skimage.data, name)()

@@ -21,7 +21,7 @@ The MeanScaleHyperprior's bytes are its entropy-coded strings; ours are whole ``
 files (header included).
 
 Usage: ``python benchmarks/training_parity.py [--steps 4400] [--jobs 2] [--mlflow-uri URI]``;
-prints progress on stderr and JSON on stdout. Needs ``pip install -e '.[bench]'``.
+prints progress on stderr and JSON on stdout (about 40 minutes on 2 cores).
 """
 
 from __future__ import annotations

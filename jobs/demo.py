@@ -1,4 +1,5 @@
-"""The main job on the bundled sample set: Ray Data masks -> Ray Train -> evaluation -> MLflow champion.
+"""The main job on real photos (scikit-image's samples): Ray Data masks -> Ray Train -> evaluation ->
+MLflow champion -> side-by-side pictures.
 
 See ``pipeline.demo`` for the stages. Outputs go under ``--out`` (default demo_out).
 """
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     parser.add_argument("--steps", type=int, default=DEMO_STEPS,
                         help=f"training steps, the fine-tuning on larger crops included "
-                             f"(default {DEMO_STEPS}, ~19 min on 2 cores)")
+                             f"(default {DEMO_STEPS}, ~16 min in all on 2 cores)")
     parser.add_argument("--variant", default="tma", choices=sorted(MODELS), help="codec variant (default tma)")
     parser.add_argument("--roi-quality", type=float, default=0.1,
                         help="non-ROI value for the evaluation, in [0,1] (default 0.1)")

@@ -1,7 +1,8 @@
 """Deploy the ROI codec HTTP service (Ray Serve) with the web page. See ``--help``.
 
-Locally: ``python jobs/deploy.py --checkpoint demo_out/checkpoint.pt`` (starts a local
-Ray if none is running, deploys, prints the URL, serves until Ctrl-C). The MLflow
+Locally: ``python jobs/deploy.py --checkpoint demo_out/runs/demo-photos-tma/checkpoint_00004400/model.pt``
+(the demo's model; starts a local Ray if none is running, deploys, prints the URL, serves
+until Ctrl-C). The MLflow
 champion: ``python jobs/deploy.py --model-uri models:/roicodec-tma@champion
 --mlflow-uri sqlite:///ray_results/mlflow.db``. On a cluster prefer
 ``serve run cluster/serve_config.yaml`` (or ``serve deploy``), which uses the same builder.

@@ -1,12 +1,15 @@
-"""The main job on the bundled sample set: masks, training, evaluation, champion, in one go.
+"""The main job on real photographs: masks, training, evaluation, champion, in one go.
 
 Stages, each with progress:
 
-1. write the deterministic sample set (photo-like images with objects, COCO-format
-   annotations, prompts): a training set and a held-out evaluation set;
-2. start a local Ray and precompute ROI masks (from the COCO annotations, one row per
-   image with all its objects as the ROI, as in the evaluation masks) and saliency maps
-   into Parquet shards with Ray Data (:func:`pipeline.data.preprocess.preprocess`);
+1. write scikit-image's bundled photos (:mod:`pipeline.data.photos`: 12 to train on, 7
+   held out, a split fixed before any training): the photos with obvious objects as a
+   COCO root (hand-made boxes as annotations), the textures and micrographs in a plain
+   folder, and the held-out photos with their evaluation masks (the boxes, or the
+   saliency map binarised at 0.5 for a photo without objects);
+2. start a local Ray and precompute ROI masks into Parquet shards with Ray Data
+   (:func:`pipeline.data.preprocess.preprocess`): from the COCO annotations (one row per
+   photo, all its objects as the ROI) and, for the textures, the saliency map;
 3. train a small codec with Ray Train on CPU (:func:`pipeline.train.trainer.train`),
    tracked in a local MLflow store, the model registered there: first on 64 px crops
    (fast), then the same run resumed for a few hundred steps on 128 px crops at lr / 10,
@@ -15,9 +18,11 @@ Stages, each with progress:
 4. evaluate it on the held-out images through real ``.roic`` files against JPEG, WebP
    and JPEG 2000 (RD sweep, BD-rate, plots) and set the MLflow ``champion`` alias
    (:func:`pipeline.eval.rd.select_champion`);
-5. compare with JPEG at the same bpp, image by image, at each rate, and print a summary.
+5. compare with JPEG at the same bpp, image by image, at each rate; write one picture per
+   held-out photo (the original with its ROI outlined, ours, JPEG at the same file size,
+   captioned), and print a summary with the command that serves the trained model.
 
-Safe to run twice: the sample set is rewritten byte for byte, the preprocessing skips
+Safe to run twice: the photos are rewritten byte for byte, the preprocessing skips
 images it already has, training resumes the same run (and does nothing when it has
 reached ``steps``), evaluation outputs are overwritten.
 """
@@ -53,12 +58,20 @@ class DemoPaths:
         return self.root / "data" / "eval"
 
     @property
+    def train_textures(self) -> Path:
+        return self.root / "data" / "train_textures"
+
+    @property
+    def pictures(self) -> Path:
+        return self.root / "pictures"
+
+    @property
     def eval_masks(self) -> Path:
         return self.root / "data" / "eval" / "masks"
 
     @property
     def shards(self) -> Path:
-        return self.root / "shards"
+        return self.root / "photo_shards"  # not "shards": an older demo's generated images stay out
 
     @property
     def runs(self) -> Path:
@@ -78,13 +91,20 @@ def _stage(i: int, text: str) -> None:
 
 
 def write_eval_masks(annotations: Path, images: Sequence[Path], out_dir: Path) -> None:
-    """The ground-truth ROI mask of every evaluation image as ``<stem>.png`` (white = ROI)."""
+    """The ROI mask of every evaluation image as ``<stem>.png`` (white = ROI): its annotated
+    objects, or for an image without any its saliency map binarised at 0.5."""
     from pipeline.masks.coco import load_coco
+    from pipeline.masks.ops import binarize
+    from pipeline.masks.saliency import get_saliency_model
 
     coco = load_coco(annotations)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in images:
-        mask = coco.mask(coco.image_id(path.name))
+        image_id = coco.image_id(path.name)
+        if coco.categories_in(image_id):
+            mask = coco.mask(image_id)
+        else:
+            mask = binarize(get_saliency_model()(np.asarray(Image.open(path).convert("RGB"))))
         Image.fromarray((mask * 255).astype(np.uint8)).save(out_dir / f"{path.stem}.png")
 
 
@@ -111,6 +131,25 @@ def jpeg_at_matched_bpp(checkpoint: Path, images: Sequence[Path], masks_dir: Pat
     return rows
 
 
+def side_by_side_pictures(checkpoint: Path, images: Sequence[Path], masks_dir: Path, roi_quality: float,
+                          rate: float, out_dir: Path) -> list[Path]:
+    """One side-by-side PNG per image (:mod:`pipeline.eval.pictures`) from a real file at ``rate``."""
+    from pipeline.codec.coding import bits_per_pixel, decode, encode
+    from pipeline.eval.evaluate import load_model, load_pair, quantize8
+    from pipeline.eval.pictures import write_side_by_side
+
+    model, _ = load_model(checkpoint)
+    written = []
+    for path in images:
+        image, x, mask, _ = load_pair(path, masks_dir)
+        data = encode(model, x, mask, roi_quality, rate)
+        ours = quantize8(decode(model, data))
+        title = f"ours: {model.variant}, rate {rate:g}, roi-quality {roi_quality:g}"
+        written.append(write_side_by_side(path, ours, bits_per_pixel(data, x.shape[-1], x.shape[-2]), mask, title,
+                                          out_dir))
+    return written
+
+
 DEMO_STEPS = 4400
 # The fine-tune stage, resumed in the same run: 64 px crops give the hyper-latent z (stride
 # 64) a single cell, so its entropy model never learns how neighbouring cells combine, and on
@@ -122,41 +161,51 @@ FINETUNE = {"steps": 800, "crop": 128, "batch_size": 4}
 
 
 def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant: str = "tma",
-             n_train: int = 24, n_eval: int = 4, size: int = 192, roi_quality: float = 0.1,
-             model: dict[str, Any] | None = None, lr: float = 1e-3,
-             finetune: dict[str, int] | None = None) -> dict[str, Any]:
-    """Run the whole pipeline on the bundled samples; return (and write) the summary.
+             max_side: int = 512, roi_quality: float = 0.1, model: dict[str, Any] | None = None, lr: float = 1e-3,
+             finetune: dict[str, int] | None = None, picture_rate: float = 0.5,
+             held_out: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the whole pipeline on the real photos; return (and write) the summary.
 
     ``steps`` counts both training stages; ``finetune`` overrides :data:`FINETUNE`
-    (``steps`` 0 skips the stage).
+    (``steps`` 0 skips the stage); ``max_side`` bounds the photos' longer side;
+    ``picture_rate`` is the rate of the side-by-side pictures; ``held_out`` evaluates on some
+    of the held-out photos only (default: all of them).
     """
     import ray
 
+    from pipeline.data.photos import HELD_OUT, OBJECTS, TRAIN, write_photo_set
     from pipeline.data.preprocess import preprocess
-    from pipeline.data.samples import write_sample_set
     from pipeline.eval.evaluate import EvaluationError
     from pipeline.eval.rd import DEFAULT_CRITERION, select_champion
     from pipeline.ray_session import ensure_ray
     from pipeline.train.trainer import MODEL_FILE, TrainConfig, latest_checkpoint, train
 
     paths = DemoPaths(Path(out_dir).resolve())
-    _stage(1, f"bundled sample set -> {paths.root / 'data'}")
-    train_set = write_sample_set(paths.train_set, n_images=n_train, size=(size, size), seed=0)
-    eval_set = write_sample_set(paths.eval_set, n_images=n_eval, size=(size, size), seed=1)
+    _stage(1, f"real photos (scikit-image's samples) -> {paths.root / 'data'}")
+    objects = [n for n in TRAIN if n in OBJECTS]
+    textures = [n for n in TRAIN if n not in OBJECTS]
+    train_set = write_photo_set(paths.train_set, objects, max_side)
+    write_photo_set(paths.train_textures, textures, max_side, annotate=False)  # saliency is their ROI
+    held_out = list(held_out or HELD_OUT)
+    if not set(held_out) <= set(HELD_OUT):
+        raise ValueError(f"held-out photos are {', '.join(HELD_OUT)}")
+    eval_set = write_photo_set(paths.eval_set, held_out, max_side)
     write_eval_masks(eval_set.annotations, eval_set.image_files, paths.eval_masks)
-    print(f"  {n_train} training images, {n_eval} evaluation images with COCO annotations "
-          f"(prompts: {', '.join(train_set.prompts.read_text().splitlines())})")
+    print(f"  training: {', '.join(objects)} (boxes: {', '.join(train_set.prompts.read_text().splitlines())})"
+          f" and {', '.join(textures)} (saliency)\n  held out: {', '.join(held_out)}")
 
     started = ensure_ray()
     try:
         _stage(2, f"ROI masks + saliency with Ray Data -> {paths.shards}")
-        # one row per image with all its objects as the ROI, as in the evaluation masks
+        # one row per photo with all its objects as the ROI, as in the evaluation masks
         prep = preprocess(paths.train_set, paths.shards, roi_source="coco", rows_per_shard=8, combine_prompts=True)
+        more = preprocess(paths.train_textures, paths.shards, roi_source="saliency", rows_per_shard=8)
+        prep = {k: prep[k] + more[k] for k in ("rows_written", "error_rows", "skipped_keys")}
         print(f"  rows written {prep['rows_written']}, already there {prep['skipped_keys']}, "
               f"errors {prep['error_rows']}")
 
         tune = {**FINETUNE, **(finetune or {})}
-        tune.update(steps=min(tune["steps"], steps // 2), crop=min(tune["crop"], size // 64 * 64))
+        tune.update(steps=min(tune["steps"], steps // 2), crop=min(tune["crop"], max_side // 64 * 64))
         _stage(3, f"training a small {variant} codec with Ray Train ({steps} steps, CPU)")
         base = TrainConfig(
             shards=str(paths.shards), variant=variant, model=dict(model or DEFAULT_MODEL), steps=steps - tune["steps"],
@@ -166,7 +215,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant:
             checkpoint_every=max(steps // 3, 1),
             report_every=max(steps // 50, 1), keep=2, num_workers=1, cpus_per_worker=1.0,
             # one thread: on 2 cores, a second intra-op thread made these small steps ~15% slower
-            torch_threads=1, run_name=f"demo-{variant}", storage_path=str(paths.runs),
+            torch_threads=1, run_name=f"demo-photos-{variant}", storage_path=str(paths.runs),
             mlflow_uri=paths.mlflow_uri, experiment=EXPERIMENT)
         latest = latest_checkpoint(str(paths.runs), base.run_name)
         if tune["steps"] == 0 or latest is None or latest[0] < base.steps:
@@ -191,12 +240,15 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant:
         print(f"  no champion by BD-rate: {exc}; the champion stays the one training chose (val_loss)")
         champion = {"alias": None, "criterion": DEFAULT_CRITERION, "best": {"value": float("nan")}}
 
-    _stage(5, f"the codec against JPEG at the same bpp (roi-quality {roi_quality})")
+    _stage(5, f"the codec against JPEG at the same bpp (roi-quality {roi_quality}); pictures")
     matched = jpeg_at_matched_bpp(checkpoint, eval_set.image_files, paths.eval_masks, roi_quality, DEMO_RATES)
+    pictures = side_by_side_pictures(checkpoint, eval_set.image_files, paths.eval_masks, roi_quality, picture_rate,
+                                     paths.pictures)
     summary = {"checkpoint": str(checkpoint), "mlflow_uri": paths.mlflow_uri, "mlflow_run_id": outcome.mlflow_run_id,
                "champion": champion["alias"], "report": champion["best"].get("files"), "train": outcome.summary(),
-               "preprocess": {k: prep[k] for k in ("rows_written", "error_rows", "skipped_keys")},
-               "bd": {champion["criterion"]: champion["best"]["value"]}, "vs_jpeg": matched}
+               "preprocess": prep, "bd": {champion["criterion"]: champion["best"]["value"]}, "vs_jpeg": matched,
+               "pictures": [str(p) for p in pictures],
+               "serve": f"python jobs/deploy.py --checkpoint {checkpoint}"}
     (paths.root / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print_summary(summary, paths)
     return summary
@@ -209,14 +261,17 @@ def print_summary(summary: dict[str, Any], paths: DemoPaths) -> None:
     print(f"\ncheckpoint:  {summary['checkpoint']}")
     print(f"report:      {report.get('json')}")
     print(f"plots:       {', '.join(report.get('plots', []))}")
+    print(f"pictures:    {', '.join(summary['pictures'])}")
     print(f"MLflow:      {summary['mlflow_uri']} (run {summary['mlflow_run_id']})")
     if alias:
         print(f"champion:    models:/{alias['registered_model']}/{alias['version']} "
               f"(alias @{alias['alias']})")
     for key, value in summary["bd"].items():
         print(f"{key}: {value:+.1f}%" if math.isfinite(value) else f"{key}: n/a (curves do not overlap)")
-    print(f"\n{'rate':>5} {'bpp':>6} {'ROI PSNR':>9} {'JPEG bpp':>9} {'JPEG ROI':>9} {'gain':>6}")
+    print(f"\n{'rate':>5} {'bpp':>6} {'ROI PSNR':>9} {'PSNR':>6} {'JPEG bpp':>9} {'JPEG ROI':>9} {'JPEG PSNR':>9} "
+          f"{'ROI gain':>8}")
     for r in summary["vs_jpeg"]:
-        print(f"{r['rate']:>5.2f} {r['bpp']:>6.3f} {r['roi_psnr']:>9.2f} {r['jpeg_bpp']:>9.3f} "
-              f"{r['jpeg_roi_psnr']:>9.2f} {r['roi_psnr'] - r['jpeg_roi_psnr']:>+6.2f}")
+        print(f"{r['rate']:>5.2f} {r['bpp']:>6.3f} {r['roi_psnr']:>9.2f} {r['psnr']:>6.2f} {r['jpeg_bpp']:>9.3f} "
+              f"{r['jpeg_roi_psnr']:>9.2f} {r['jpeg_psnr']:>9.2f} {r['roi_psnr'] - r['jpeg_roi_psnr']:>+8.2f}")
     print(f"\nsummary:     {paths.root / 'summary.json'}")
+    print(f"serve it:    {summary['serve']}   # then open http://127.0.0.1:8000/")
