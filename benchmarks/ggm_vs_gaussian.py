@@ -90,13 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.mlflow_uri:
         from pipeline.train import tracking
 
-        run_id, _ = tracking.start_run(args.mlflow_uri, "roicodec-benchmarks", f"ggm-vs-sft-{args.steps}steps",
-                                       {k: out[k] for k in ("steps", "N", "M", "device")})
-        tracking.log_metrics(args.mlflow_uri, run_id, [(k, v, args.steps) for k, v in bd.items()])
-        c = tracking.client(args.mlflow_uri)
-        c.log_dict(run_id, out, "ggm_vs_sft.json")
-        c.set_terminated(run_id)
-        out["mlflow_run_id"] = run_id
+        out["mlflow_run_id"] = tracking.log_benchmark(args.mlflow_uri, f"ggm-vs-sft-{args.steps}steps",
+                                                      {k: out[k] for k in ("steps", "N", "M", "device")},
+                                                      [(k, v, args.steps) for k, v in bd.items()], out,
+                                                      "ggm_vs_sft.json")
     print(json.dumps(out, indent=1))
     return 0
 

@@ -262,15 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.mlflow_uri:
         from pipeline.train import tracking
 
-        run_id, _ = tracking.start_run(args.mlflow_uri, "roicodec-benchmarks", f"training-parity-{args.steps}steps",
-                                       {k: out[k] for k in ("steps", "finetune", "N", "M")})
         rows = [(f"{name}/{k}", v, args.steps) for name, r in out["variants"].items()
                 for k, v in r.items() if k.startswith("bd_rate") and math.isfinite(v)]
-        tracking.log_metrics(args.mlflow_uri, run_id, rows)
-        c = tracking.client(args.mlflow_uri)
-        c.log_dict(run_id, out, "training_parity.json")
-        c.set_terminated(run_id)
-        out["mlflow_run_id"] = run_id
+        out["mlflow_run_id"] = tracking.log_benchmark(args.mlflow_uri, f"training-parity-{args.steps}steps",
+                                                      {k: out[k] for k in ("steps", "finetune", "N", "M")}, rows,
+                                                      out, "training_parity.json")
     print(json.dumps(out, indent=1))
     return 0
 

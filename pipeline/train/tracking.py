@@ -287,6 +287,18 @@ def log_warm_start(tracking_uri: str, run_id: str, report: dict[str, Any]) -> No
         c.log_artifact(run_id, str(path))
 
 
+def log_benchmark(tracking_uri: str, run_name: str, params: dict[str, Any], rows: list[tuple[str, float, int]],
+                  result: dict[str, Any], artifact: str) -> str:
+    """One finished MLflow run of a benchmark (experiment ``roicodec-benchmarks``): its
+    parameters, metric ``rows`` and the whole ``result`` as the JSON artifact ``artifact``."""
+    run_id, _ = start_run(tracking_uri, "roicodec-benchmarks", run_name, params)
+    log_metrics(tracking_uri, run_id, rows)
+    c = client(tracking_uri)
+    c.log_dict(run_id, result, artifact)
+    c.set_terminated(run_id)
+    return run_id
+
+
 def finish_run(tracking_uri: str, run_id: str, *, checkpoint_dir: str | Path | None,
                final_metrics: dict[str, Any], registered_model: str | None,
                champion_metric: str = "val_loss", register: bool = True) -> dict[str, Any]:
