@@ -138,7 +138,7 @@ def perturbation_check(paths: dict[str, tuple[ROICodec, bool]], images, progress
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="model.pt (default: the demo's latest checkpoint)")
-    parser.add_argument("--eval-images", type=Path, default=Path("demo_out/data/eval/images"),
+    parser.add_argument("--eval-images", type=Path, default=Path("demo_out/data/eval_photos/images"),
                         help="folder of extra images (default: the demo's held-out set, if present)")
     parser.add_argument("--photos", type=int, default=len(PHOTOS), help="how many scikit-image photos")
     parser.add_argument("--rates", type=int, default=5, help="rate points per RD curve")

@@ -45,17 +45,19 @@ EXPERIMENT = "roicodec-demo"
 
 @dataclass
 class DemoPaths:
-    """Where the demo writes; everything lives under one folder."""
+    """Where the demo writes; everything lives under one folder. The data, shard and run names
+    differ from those of the demo on generated images it replaced, so an old ``demo_out``
+    is neither resumed nor mixed in."""
 
     root: Path
 
     @property
     def train_set(self) -> Path:
-        return self.root / "data" / "train"
+        return self.root / "data" / "train_photos"
 
     @property
     def eval_set(self) -> Path:
-        return self.root / "data" / "eval"
+        return self.root / "data" / "eval_photos"
 
     @property
     def train_textures(self) -> Path:
@@ -67,11 +69,11 @@ class DemoPaths:
 
     @property
     def eval_masks(self) -> Path:
-        return self.root / "data" / "eval" / "masks"
+        return self.root / "data" / "eval_photos" / "masks"
 
     @property
     def shards(self) -> Path:
-        return self.root / "photo_shards"  # not "shards": an older demo's generated images stay out
+        return self.root / "photo_shards"
 
     @property
     def runs(self) -> Path:

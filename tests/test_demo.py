@@ -23,7 +23,7 @@ def test_demo_runs_every_stage_on_real_photos_and_is_safe_to_run_twice(tmp_path)
     # both stages: 2 steps on 64 px crops, then the same run resumed for 2 on larger crops
     assert first["train"]["metrics"]["step"] == 4 and first["train"]["metrics"]["start_step"] == 2
     assert (tmp_path / "summary.json").is_file()
-    masks = sorted(p.stem for p in (tmp_path / "data" / "eval" / "masks").glob("*.png"))
+    masks = sorted(p.stem for p in (tmp_path / "data" / "eval_photos" / "masks").glob("*.png"))
     assert masks == sorted(held_out)
     assert [r["rate"] for r in first["vs_jpeg"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
     for row in first["vs_jpeg"]:
@@ -35,7 +35,7 @@ def test_demo_runs_every_stage_on_real_photos_and_is_safe_to_run_twice(tmp_path)
     # one picture per held-out photo: three captioned panels of the photo's size side by side
     assert sorted(Path(p).stem for p in first["pictures"]) == sorted(held_out)
     for path in first["pictures"]:
-        photo = Image.open(tmp_path / "data" / "eval" / "images" / Path(path).name)
+        photo = Image.open(tmp_path / "data" / "eval_photos" / "images" / Path(path).name)
         picture = Image.open(path)
         assert picture.width == 3 * photo.width + 12 and picture.height > photo.height
     assert first["serve"] == f"python jobs/deploy.py --checkpoint {first['checkpoint']}"
