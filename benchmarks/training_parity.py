@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.codec.models import build_model  # noqa: E402
-from pipeline.codec.warm_start import load_init_source, warm_start  # noqa: E402
+from pipeline.codec.warm_start import warm_started  # noqa: E402
 from pipeline.data.photos import photos  # noqa: E402
 from pipeline.eval.evaluate import learned_point, quantize8, quality  # noqa: E402
 from pipeline.eval.rd import curve_bd  # noqa: E402
@@ -190,11 +190,13 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
         if task.get("save"):
             torch.save(net.state_dict(), task["save"])
         return out
-    model = build_model(task["variant"], N=task["N"], M=task["M"], n_rates=task["n_rates"])
     if task.get("init"):
         lambdas = rate_lambdas(task["n_rates"], *task["lambdas"])
-        report = warm_start(model, load_init_source(task["init"]), lambdas, task["init_lambda"])
+        model, report = warm_started(task["variant"], task["init"], lambdas, task["init_lambda"], N=task["N"],
+                                     M=task["M"])
         out["warm_start"] = {"fresh": report.fresh, "rate_point": report.rate_point}
+    else:
+        model = build_model(task["variant"], N=task["N"], M=task["M"], n_rates=task["n_rates"])
     train_ours(model, crops, stages, task["lambdas"], task["name"])
     out["train_s"] = round(time.perf_counter() - t0, 1)
     out["curves"] = our_curves(model, held_out)

@@ -270,13 +270,14 @@ def warm_start(model: ROICodec, source: InitSource, rate_lambdas: Sequence[float
         return report
 
     renames = model.warm_start_names()
+    buffers = dict(model.named_buffers())
     targets: dict[str, str] = {}
     for name, tensor in source.state.items():
         if not name.startswith(tuple(m + "." for m in HYPERPRIOR_MODULES)):
             continue
         target = _rename(name, renames)
         if target not in own:  # a buffer (CDF tables, bounds): rebuilt or constant here
-            if target not in dict(model.named_buffers()):
+            if target not in buffers:
                 report.unused.append(name)
             continue
         value, note = model.adapt_warm_start(target, tensor)

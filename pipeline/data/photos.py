@@ -49,6 +49,7 @@ OBJECTS: dict[str, list[tuple[str, tuple[int, int, int, int]]]] = {
 
 def _load(name: str) -> np.ndarray:
     import skimage.data as data
+
     if name.startswith("motorcycle_"):
         left, right, _ = data.stereo_motorcycle()
         return left if name.endswith("left") else right
@@ -57,7 +58,10 @@ def _load(name: str) -> np.ndarray:
 
 def photo(name: str, max_side: int = 512) -> np.ndarray:
     """One sample photo as an HxWx3 uint8 RGB array, the longer side at most ``max_side``."""
-    arr = _load(name)
+    return _fit(_load(name), max_side)
+
+
+def _fit(arr: np.ndarray, max_side: int) -> np.ndarray:
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     img = Image.fromarray(np.ascontiguousarray(arr[:, :, :3]).astype(np.uint8))
@@ -73,10 +77,6 @@ def photos(split: str, max_side: int = 512) -> dict[str, np.ndarray]:
     if names is None:
         raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
     return {name: photo(name, max_side) for name in names}
-
-
-def _reference_long_side(name: str) -> int:
-    return min(REFERENCE_SIDE, max(_load(name).shape[:2]))
 
 
 def write_photo_set(out_dir: str | Path, names: tuple[str, ...] | list[str], max_side: int = 512,
@@ -95,13 +95,14 @@ def write_photo_set(out_dir: str | Path, names: tuple[str, ...] | list[str], max
                   "categories": [{"id": i, "name": cat, "supercategory": cat} for cat, i in cat_ids.items()]}
     files = []
     for image_id, name in enumerate(names, start=1):
-        arr = photo(name, max_side)
+        raw = _load(name)
+        arr = _fit(raw, max_side)
         path = images_dir / f"{name}.png"
         Image.fromarray(arr).save(path)
         files.append(path)
         h, w = arr.shape[:2]
         coco["images"].append({"id": image_id, "file_name": path.name, "height": h, "width": w})
-        scale = max(h, w) / _reference_long_side(name)
+        scale = max(h, w) / min(REFERENCE_SIDE, max(raw.shape[:2]))
         for cat, box in OBJECTS.get(name, []):
             x, y, bw, bh = (round(v * scale, 1) for v in box)
             x1, y1 = min(x + bw, w), min(y + bh, h)

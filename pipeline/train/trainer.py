@@ -224,9 +224,10 @@ def _check_variant(variant: str) -> None:
         raise TrainError(f"codec variant {variant!r} is not registered (available: {', '.join(sorted(MODELS))})")
 
 
-def warm_start_state(cfg: TrainConfig) -> tuple[dict[str, Any], Any]:
-    """The model state every worker of a fresh run starts from, warm-started from ``cfg.init``,
-    and the :class:`~pipeline.codec.warm_start.WarmStartReport`. Raises :class:`TrainError`."""
+def warm_start_model(cfg: TrainConfig) -> tuple[Any, Any]:
+    """The model every worker of a fresh run starts from, warm-started from ``cfg.init`` (N and M
+    the weights' unless ``cfg.model`` gives them), and the
+    :class:`~pipeline.codec.warm_start.WarmStartReport`. Raises :class:`TrainError`."""
     from pipeline.codec.warm_start import InitError, warm_started
     from pipeline.train.loss import rate_lambdas
 
@@ -235,7 +236,7 @@ def warm_start_state(cfg: TrainConfig) -> tuple[dict[str, Any], Any]:
         model, report = warm_started(cfg.variant, cfg.init, lambdas, cfg.init_lambda, **cfg.model)
     except InitError as exc:
         raise TrainError(str(exc)) from None
-    return model.state_dict(), report
+    return model, report
 
 
 def run_config(cfg: TrainConfig, run_id: str, scored: bool = True):  # -> ray.train.RunConfig
@@ -266,7 +267,9 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
         plan = plan_shards(cfg.shards, cfg.val_fraction)  # bad data fails here, before Ray starts
     except DatasetError as exc:
         raise TrainError(str(exc)) from None
-    init_state, init_report = warm_start_state(cfg) if cfg.init else (None, None)  # bad weights fail here too
+    init_model, init_report = warm_start_model(cfg) if cfg.init else (None, None)  # bad weights fail here too
+    if init_model is not None:
+        cfg.model.update(N=init_model.N, M=init_model.M)
     ensure_ray()
     try:
         data = training_datasets(plan, crop=cfg.crop, val_crop=cfg.val_crop, val_fraction=cfg.val_fraction,
@@ -286,7 +289,7 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
     if init_report is not None:
         sys.stdout.write("\n".join(init_report.lines()) + "\n")
         tracking.log_warm_start(cfg.mlflow_uri, run_id, init_report.as_dict())
-        init_ref = ray.put(init_state)  # used by the workers only when there is no checkpoint to resume
+        init_ref = ray.put(init_model.state_dict())  # used by workers only when there is no checkpoint to resume
     finished = latest_checkpoint(cfg.storage_path, cfg.run_name) if resumed else None
     if finished is not None and finished[0] >= cfg.steps:
         # a re-submitted finished run: nothing to train, so no workers to start
@@ -478,11 +481,14 @@ def config_from_args(args: argparse.Namespace, variant: str | None = None) -> Tr
     def pick(value: Any, normal: Any, small: Any) -> Any:
         return value if value is not None else (small if smoke else normal)
 
-    base = dict(SMOKE_MODEL if smoke else DEFAULT_MODEL)
-    if args.init:
-        base.update(_init_shape(args.init))
+    base = SMOKE_MODEL if smoke else DEFAULT_MODEL
     model = {"N": pick(args.n_channels, base["N"], base["N"]), "M": pick(args.m_channels, base["M"], base["M"]),
              "n_rates": pick(args.n_rates, base["n_rates"], base["n_rates"])}
+    if args.init:  # N and M not given: the --init weights' (train() reads them)
+        if args.n_channels is None:
+            del model["N"]
+        if args.m_channels is None:
+            del model["M"]
     return TrainConfig(
         shards=shards or "", variant=variant, model=model, init=args.init, init_lambda=args.init_lambda,
         steps=pick(args.steps, 10_000, 80), batch_size=pick(args.batch_size, 8, 4), crop=pick(args.crop, 256, 64),
@@ -499,17 +505,6 @@ def config_from_args(args: argparse.Namespace, variant: str | None = None) -> Tr
         run_name=args.run_name or (f"smoke-{variant}-{time.strftime('%Y%m%d-%H%M%S')}" if smoke else None),
         storage_path=storage, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
         registered_model=args.registered_model, seed=args.seed)
-
-
-def _init_shape(spec: str) -> dict[str, int]:
-    """N and M of the ``--init`` weights (one line :class:`TrainError` if they cannot be read)."""
-    from pipeline.codec.warm_start import InitError, load_init_source
-
-    try:
-        source = load_init_source(spec)
-    except InitError as exc:
-        raise TrainError(str(exc)) from None
-    return {"N": source.N, "M": source.M}
 
 
 def cli_main(argv: Sequence[str] | None = None, *, variant: str | None = None,
