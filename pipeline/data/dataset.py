@@ -264,16 +264,17 @@ def rows_to_crops(batch: pa.Table, *, split: str, val_ids: frozenset[str] | Sequ
 
 def train_crops_map(batch: pa.Table, *, val_ids: frozenset[str] | Sequence[str], crop: int,
                     crops_per_image: int = 1, saliency_weight: float = 0.0, roi_crop_fraction: float = 0.0,
-                    chunk: int = 64) -> Iterable[dict[str, np.ndarray]]:
+                    chunk: int = 64, seed: int | Sequence[int] | None = None) -> Iterable[dict[str, np.ndarray]]:
     """The Ray Data training map (a generator): each row decoded once, then its
     ``crops_per_image`` random crops drawn in rounds across all rows of the batch and
     yielded shuffled, at most about ``chunk`` crops at a time, so memory stays bounded
-    however many crops a row gets and every output block mixes the batch's images."""
+    however many crops a row gets and every output block mixes the batch's images.
+    ``seed`` (numpy seed material) makes the crops reproducible; ``None`` draws fresh ones."""
     rows = decoded_rows(batch, split="train", val_ids=val_ids, crop=crop, saliency_weight=saliency_weight)
     if not rows:
         yield _stack([], crop)
         return
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     per_round = max(1, chunk // len(rows))
     remaining = crops_per_image
     while remaining > 0:
@@ -286,12 +287,13 @@ def train_crops_map(batch: pa.Table, *, val_ids: frozenset[str] | Sequence[str],
 
 
 def shard_crops_map(batch: pa.Table, *, rows_per_task: int, **crops: Any) -> Iterable[dict[str, np.ndarray]]:
-    """The Ray Data training map over shard files (a ``file`` column): each file read with
-    pyarrow, its rows cropped ``rows_per_task`` at a time by :func:`train_crops_map`."""
-    for path in batch.column("file").to_pylist():
+    """The Ray Data training map over shard files (``file`` and ``seed`` columns): each file
+    read with pyarrow, its rows cropped ``rows_per_task`` at a time by :func:`train_crops_map`,
+    with crops seeded by the item's seed and the rows' offset."""
+    for path, seed in zip(batch.column("file").to_pylist(), batch.column("seed").to_pylist()):
         table = read_shards(path, columns=COLUMNS)
         for start in range(0, table.num_rows, rows_per_task):
-            yield from train_crops_map(table.slice(start, rows_per_task), **crops)
+            yield from train_crops_map(table.slice(start, rows_per_task), seed=[*seed, start], **crops)
 
 
 # -- Ray Datasets -------------------------------------------------------------------------------
@@ -373,7 +375,7 @@ def training_datasets(shards: str | Path | Sequence[str | Path] | ShardPlan, *, 
                       val_crop: int = 256, val_fraction: float = 0.1, crops_per_image: int | None = 1,
                       saliency_weight: float = 0.0, roi_crop_fraction: float = 0.0,
                       max_val_samples: int | None = 16, rows_per_task: int = 8,
-                      global_batch: int = 8, steps: int = 1000, quiet: bool = True) -> TrainingData:
+                      global_batch: int = 8, steps: int = 1000, quiet: bool = True, seed: int = 0) -> TrainingData:
     """A lazy Ray Dataset of training crops, and the validation crops, from the shards.
 
     The driver reads only the id/mask-presence/error columns (to fix the split and
@@ -383,7 +385,9 @@ def training_datasets(shards: str | Path | Sequence[str | Path] | ShardPlan, *, 
     ``crops_per_image=None`` is the automatic choice (see the module docstring;
     ``global_batch`` is the batch summed over workers, ``steps`` the run's length). ``max_val_samples`` caps the
     validation rows (the first ones in shard order). ``quiet`` turns off Ray Data's
-    progress bars for the training dataset.
+    progress bars for the training dataset. ``seed`` fixes the order of the shard files and
+    every crop, so an epoch is the same crops whatever the scheduling (consumed in that order
+    when the dataset runs with ``preserve_order``, as :func:`pipeline.train.trainer.train` does).
     """
     import ray
 
@@ -397,7 +401,8 @@ def training_datasets(shards: str | Path | Sequence[str | Path] | ShardPlan, *, 
         raise DatasetError("crops_per_image must be at least 1")
     passes, per_pass = crop_passes(crops_per_image)
     # one item per (pass, shard file); not read_parquet, which reads a file listed twice once
-    units = ray.data.from_items([{"file": f} for f in pass_order(plan.files, passes)])
+    units = ray.data.from_items([{"file": f, "seed": [seed, i]}
+                                 for i, f in enumerate(pass_order(plan.files, passes, seed))])
     train = units.map_batches(shard_crops_map, batch_size=1, batch_format="pyarrow",
                               fn_kwargs={"rows_per_task": rows_per_task, "val_ids": plan.val_ids,
                                          "saliency_weight": saliency_weight, "crop": crop,

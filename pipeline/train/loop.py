@@ -202,7 +202,8 @@ def _batches(config: dict[str, Any], device: torch.device) -> Iterator[tuple[tor
     while True:
         n = 0
         for b in shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True,
-                                          device=device, local_shuffle_buffer_size=config.get("shuffle_buffer")):
+                                          device=device, local_shuffle_buffer_size=config.get("shuffle_buffer"),
+                                          local_shuffle_seed=config["seed"] + epoch):
             n += 1
             yield b["image"].float().div_(255.0), b["mask"].float().div_(255.0)
         if n == 0:

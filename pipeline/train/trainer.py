@@ -254,6 +254,16 @@ def run_config(cfg: TrainConfig, run_id: str, scored: bool = True):  # -> ray.tr
                    *tracking.placement_callbacks(cfg.mlflow_uri, run_id)])
 
 
+def ordered_ingest():  # -> ray.data.ExecutionOptions
+    """Ray Data options for the training crops: the driver's, with blocks consumed in dataset
+    order, so a one-worker run with a given seed sees the same batches however its tasks finish."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
 def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
     """Run (or resume) a training job; see the module docstring. Raises :class:`TrainError`."""
     import ray
@@ -275,7 +285,7 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
         data = training_datasets(plan, crop=cfg.crop, val_crop=cfg.val_crop, val_fraction=cfg.val_fraction,
                                  crops_per_image=cfg.crops_per_image, saliency_weight=cfg.saliency_weight,
                                  roi_crop_fraction=cfg.roi_crop_fraction, max_val_samples=cfg.max_val_samples,
-                                 global_batch=cfg.batch_size * cfg.num_workers, steps=cfg.steps)
+                                 global_batch=cfg.batch_size * cfg.num_workers, steps=cfg.steps, seed=cfg.seed)
     except DatasetError as exc:
         raise TrainError(str(exc)) from None
     val_ref = ray.put(data.val) if data.val is not None else None  # read by rank 0 only
@@ -305,7 +315,8 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
                                                    "shuffle_buffer": max(4 * cfg.batch_size, 64)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
-        run_config=run_config(cfg, run_id, scored=data.val is not None), datasets={"train": data.train})
+        run_config=run_config(cfg, run_id, scored=data.val is not None), datasets={"train": data.train},
+        dataset_config=ray.train.DataConfig(execution_options=ordered_ingest()))
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
