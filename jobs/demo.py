@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
-from pipeline.codec.models import MODELS  # noqa: E402
+from pipeline.codec.models import ENTROPY_MODELS, MODELS  # noqa: E402
 from pipeline.demo import DEMO_STEPS, run_demo  # noqa: E402
 
 
@@ -23,11 +23,15 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"training steps, the fine-tuning on larger crops included "
                              f"(default {DEMO_STEPS}, ~16 min in all on 2 cores)")
     parser.add_argument("--variant", default="tma", choices=sorted(MODELS), help="codec variant (default tma)")
+    parser.add_argument("--entropy", default="hyperprior", choices=ENTROPY_MODELS,
+                        help="entropy model of the latent (default hyperprior; context: channel groups with a "
+                             "checkerboard context)")
     parser.add_argument("--roi-quality", type=float, default=0.1,
                         help="non-ROI value for the evaluation, in [0,1] (default 0.1)")
     args = parser.parse_args(argv)
     try:
-        run_demo(args.out, steps=args.steps, variant=args.variant, roi_quality=args.roi_quality)
+        run_demo(args.out, steps=args.steps, variant=args.variant, roi_quality=args.roi_quality,
+                 entropy=args.entropy)
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"demo: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 1

@@ -165,13 +165,14 @@ FINETUNE = {"steps": 800, "crop": 128, "batch_size": 4}
 def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant: str = "tma",
              max_side: int = 512, roi_quality: float = 0.1, model: dict[str, Any] | None = None, lr: float = 1e-3,
              finetune: dict[str, int] | None = None, picture_rate: float = 0.5,
-             held_out: Sequence[str] | None = None) -> dict[str, Any]:
+             held_out: Sequence[str] | None = None, entropy: str = "hyperprior") -> dict[str, Any]:
     """Run the whole pipeline on the real photos; return (and write) the summary.
 
     ``steps`` counts both training stages; ``finetune`` overrides :data:`FINETUNE`
     (``steps`` 0 skips the stage); ``max_side`` bounds the photos' longer side;
     ``picture_rate`` is the rate of the side-by-side pictures; ``held_out`` evaluates on some
-    of the held-out photos only (default: all of them).
+    of the held-out photos only (default: all of them); ``entropy`` is the model's entropy
+    model (its own training run: ``demo-photos-<variant>-context``).
     """
     import ray
 
@@ -208,16 +209,20 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant:
 
         tune = {**FINETUNE, **(finetune or {})}
         tune.update(steps=min(tune["steps"], steps // 2), crop=min(tune["crop"], max_side // 64 * 64))
-        _stage(3, f"training a small {variant} codec with Ray Train ({steps} steps, CPU)")
+        _stage(3, f"training a small {variant} codec ({entropy}) with Ray Train ({steps} steps, CPU)")
+        model = dict(model or DEFAULT_MODEL)
+        if entropy != "hyperprior":
+            model["entropy"] = entropy
         base = TrainConfig(
-            shards=str(paths.shards), variant=variant, model=dict(model or DEFAULT_MODEL), steps=steps - tune["steps"],
+            shards=str(paths.shards), variant=variant, model=model, steps=steps - tune["steps"],
             # 64 px crops (a quarter of the cost of 128 px ones per step), half of them
             # centred on an object (the objects are small), the last 20% of the steps at lr / 10
             batch_size=8, crop=64, val_crop=128, roi_crop_fraction=0.5, lr=lr, lr_drop=0.2, aux_lr=1e-2,
             checkpoint_every=max(steps // 3, 1),
             report_every=max(steps // 50, 1), keep=2, num_workers=1, cpus_per_worker=1.0,
             # one thread: on 2 cores, a second intra-op thread made these small steps ~15% slower
-            torch_threads=1, run_name=f"demo-photos-{variant}", storage_path=str(paths.runs),
+            torch_threads=1, run_name=f"demo-photos-{variant}" + ("" if entropy == "hyperprior" else f"-{entropy}"),
+            storage_path=str(paths.runs),
             mlflow_uri=paths.mlflow_uri, experiment=EXPERIMENT)
         latest = latest_checkpoint(str(paths.runs), base.run_name)
         if tune["steps"] == 0 or latest is None or latest[0] < base.steps:

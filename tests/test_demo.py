@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 def test_demo_runs_every_stage_on_real_photos_and_is_safe_to_run_twice(tmp_path):
     held_out = ["chelsea", "gravel"]  # a photo with a box and one whose ROI is its saliency
-    tiny = dict(steps=4, max_side=128, model={"N": 16, "M": 24, "n_rates": 2}, held_out=held_out)
+    # the context entropy model, so it too runs through training, evaluation, pictures and MLflow
+    tiny = dict(steps=4, max_side=128, model={"N": 16, "M": 24, "n_rates": 2}, held_out=held_out, entropy="context")
     first = run_demo(tmp_path, **tiny)
     # 4 photos with boxes (one row each, all objects as the ROI) + 8 textures (saliency)
     assert first["preprocess"] == {"rows_written": 12, "error_rows": 0, "skipped_keys": 0}
@@ -39,6 +40,7 @@ def test_demo_runs_every_stage_on_real_photos_and_is_safe_to_run_twice(tmp_path)
         picture = Image.open(path)
         assert picture.width == 3 * photo.width + 12 and picture.height > photo.height
     assert first["serve"] == f"python jobs/deploy.py --checkpoint {first['checkpoint']}"
+    assert "demo-photos-tma-context" in first["checkpoint"]
 
     second = run_demo(tmp_path, **tiny)
     assert second["preprocess"] == {"rows_written": 0, "error_rows": 0, "skipped_keys": 12}

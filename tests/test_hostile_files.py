@@ -59,31 +59,35 @@ def mutations(data: bytes, seed: int) -> list[tuple[str, bytes]]:
     add("empty variant", variant="")
     add("other fingerprint", fp=bytes(8))
     add("no groups", groups=[])
-    add("three groups", groups=[*groups, [b"x"]])
-    add("two y strings", groups=[[groups[0][0], groups[0][0]], groups[1]])
-    add("no z string", groups=[groups[0], []])
-    add("empty strings", groups=[[b""], [b""]])
+    add("one more group", groups=[*groups, [b"x"]])
+    add("two strings in a y group", groups=[[groups[0][0], groups[0][0]], *groups[1:]])
+    add("no z string", groups=[*groups[:-1], []])
+    add("empty strings", groups=[[b""] for _ in groups])
     add("version 3", version=3)
-    y, z = groups[0][0], groups[1][0]
+    strings = [g[0] for g in groups]  # y's string groups (one with the hyperprior, 2 per channel group with
+    z = len(strings) - 1              # the context model), then z's
+
+    def replaced(i: int, s: bytes) -> list[list[bytes]]:
+        return [[s] if j == i else [t] for j, t in enumerate(strings)]
+
     for _ in range(60):
-        which = rng.choice(["y", "z"])
-        s = bytearray(y if which == "y" else z)
+        i = rng.randrange(len(strings))
+        s = bytearray(strings[i])
         for _ in range(rng.choice([1, 1, 2, 8])):
             if s:
                 s[rng.randrange(len(s))] = rng.randrange(256)
-        new = [[bytes(s)], [z]] if which == "y" else [[y], [bytes(s)]]
-        add(f"{which} bytes changed", groups=new)
+        add(f"{'z' if i == z else f'y{i}'} bytes changed", groups=replaced(i, bytes(s)))
     for _ in range(30):
-        which = rng.choice(["y", "z"])
-        s = y if which == "y" else z
-        cut = s[:rng.randrange(len(s) + 1)]
-        add(f"{which} truncated to {len(cut)}", groups=[[cut], [z]] if which == "y" else [[y], [cut]])
+        i = rng.randrange(len(strings))
+        cut = strings[i][:rng.randrange(len(strings[i]) + 1)]
+        add(f"{'z' if i == z else f'y{i}'} truncated to {len(cut)}", groups=replaced(i, cut))
     for _ in range(10):
         junk = bytes(rng.randrange(256) for _ in range(rng.choice([1, 7, 64, 4096])))
-        add("y extended", groups=[[y + junk], [z]])
-    add("all 0xff y", groups=[[b"\xff" * len(y)], [z]])
-    add("all 0xff z", groups=[[y], [b"\xff" * len(z)]])
-    add("swapped strings", groups=[[z], [y]])
+        i = rng.randrange(z) if z else 0
+        add(f"y{i} extended", groups=replaced(i, strings[i] + junk))
+    add("all 0xff y", groups=[[b"\xff" * len(s)] if i < z else [s] for i, s in enumerate(strings)])
+    add("all 0xff z", groups=replaced(z, b"\xff" * len(strings[z])))
+    add("swapped strings", groups=[[s] for s in reversed(strings)])
     return cases
 
 
@@ -121,7 +125,9 @@ def test_the_harness_reports_other_exceptions_and_slow_decodes():
 @pytest.mark.timeout(900)
 def test_crafted_files_decode_or_raise_bitstream_error(tmp_path, trained):
     checkpoints, files = [], []
-    for variant, model in (("sft", trained("sft")), ("ggm", build_model("ggm", **TINY).eval())):
+    models = (("sft", trained("sft")), ("ggm", build_model("ggm", **TINY).eval()),
+              ("tma-context", build_model("tma", **TINY, entropy="context").eval()))
+    for variant, model in models:
         ckpt = save_checkpoint(model, tmp_path / f"{variant}.pt")
         x, m = image_and_mask(150, 200, seed=11)
         (tmp_path / f"{variant}.roic").write_bytes(encode(model, x, m, 0.3, 0.9))
@@ -134,7 +140,7 @@ def test_crafted_files_decode_or_raise_bitstream_error(tmp_path, trained):
                            ",".join(files), str(out)], capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, f"decoder process died (exit {proc.returncode}): {proc.stderr[-2000:]}"
     rows = json.loads(out.read_text())
-    assert len(rows) >= 200
+    assert len(rows) >= 300
     bad = [r for r in rows if r["outcome"].startswith("other")]
     assert not bad, bad[:5]
     slow = [r for r in rows if r["seconds"] > CASE_SECONDS]
@@ -142,7 +148,7 @@ def test_crafted_files_decode_or_raise_bitstream_error(tmp_path, trained):
     outcomes = {r["outcome"] for r in rows}
     assert outcomes == {"ok", "BitstreamError"}  # both kinds occur: payload garbage decodes to something
     huge = [r for r in rows if r["case"] == "65536x65536"]
-    assert all(r["outcome"] == "BitstreamError" for r in huge) and len(huge) == 2
+    assert all(r["outcome"] == "BitstreamError" for r in huge) and len(huge) == len(models)
 
 
 def test_pixel_limit_is_a_one_line_bitstream_error(untrained):

@@ -23,16 +23,16 @@ from conftest import TINY, VARIANTS, image_and_mask
 _BRIEF: dict[str, ROICodec] = {}
 
 
-def briefly_trained(variant: str) -> ROICodec:
+def briefly_trained(variant: str, entropy: str = "hyperprior") -> ROICodec:
     """A tiny model trained 150 steps: latents with real statistics (not all-zero symbols)."""
-    if variant not in _BRIEF:
+    if (variant, entropy) not in _BRIEF:
         pairs = [image_and_mask(128, 128, seed) for seed in range(8)]
         torch.manual_seed(0)
-        model = build_model(variant, **TINY)
+        model = build_model(variant, **TINY, entropy=entropy)
         train_local(model, torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]),
                     steps=150, batch=8, crop=64, lr=2e-3)
-        _BRIEF[variant] = model
-    return _BRIEF[variant]
+        _BRIEF[variant, entropy] = model
+    return _BRIEF[variant, entropy]
 
 
 def perturbed(model: ROICodec, name: str):
@@ -40,14 +40,18 @@ def perturbed(model: ROICodec, name: str):
     return context(), (copy.deepcopy(model).double() if to_float64 else model)
 
 
+@pytest.mark.parametrize("entropy", ["hyperprior", "context"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_files_decode_to_the_same_symbols_under_every_perturbation(variant):
+def test_files_decode_to_the_same_symbols_under_every_perturbation(variant, entropy):
     """Encode under default numerics; decode with 1/2 threads, oneDNN off, a float64 model and
     unfold+matmul convolutions: identical table indexes and symbols, the same 8-bit image up to
     the float32 synthesis' rounding noise (a pixel level at a rounding tie, rarely), and with
-    the synthesis in float64 (``decode(float64=True)``) the identical 8-bit image."""
-    model = briefly_trained(variant)
-    for seed, (h, w) in ((900, (150, 200)), (901, (128, 128))):
+    the synthesis in float64 (``decode(float64=True)``) the identical 8-bit image. The context
+    model's index path (channel context, checkerboard context, parameter networks) runs on
+    integers as the hyper-decoder does."""
+    model = briefly_trained(variant, entropy)
+    images = ((900, (150, 200)), (901, (128, 128)))
+    for seed, (h, w) in images if entropy == "hyperprior" else images[:1]:  # (the suite's time budget)
         x, m = image_and_mask(h, w, seed)
         data = encode(model, x, m, 0.3, 0.8)
         indexes, symbols = coded_state(model, data)
@@ -95,7 +99,7 @@ def test_integer_layers_compute_exactly_what_the_float_conv_computes_on_integers
 
     torch.manual_seed(0)
     for layer in (conv(8, 6, stride=1, kernel_size=3), deconv(8, 6), conv(8, 6)):
-        ic = IntegerConv(layer, leaky_relu=False)
+        ic = IntegerConv(layer)
         ic.weight.copy_(torch.randint(-2 ** 15 + 1, 2 ** 15, ic.weight.shape))
         x = torch.randint(-2 ** 20 + 1, 2 ** 20, (2, 8, 5, 7)).double()
         w = ic.weight.double()

@@ -179,6 +179,19 @@ class CompactTablesMixin:
                 symbols[i].reshape(-1).int().tolist(), idx.reshape(-1).tolist(), cdf, lengths, offsets))
         return strings
 
+    def encode_into(self, encoder: Any, symbols: Tensor, indexes: Tensor) -> None:
+        """Add one item's integer ``symbols`` to a CompressAI ``BufferedRansEncoder`` (several
+        calls share one string; the decoder reads them back in the same order)."""
+        idx, cdf, lengths, offsets = self._used_tables(indexes)
+        encoder.encode_with_indexes(symbols.reshape(-1).int().tolist(), idx.reshape(-1).tolist(), cdf, lengths,
+                                    offsets)
+
+    def decode_from(self, decoder: Any, indexes: Tensor) -> Tensor:
+        """The next symbols of a ``RansDecoder`` stream for one item's ``indexes`` (int32)."""
+        idx, cdf, lengths, offsets = self._used_tables(indexes)
+        values = decoder.decode_stream(idx.reshape(-1).tolist(), cdf, lengths, offsets)
+        return torch.tensor(values, dtype=torch.int32, device=indexes.device).reshape(indexes.shape)
+
     def decompress(self, strings: list, indexes: Tensor, dtype: torch.dtype = torch.float,
                    means: Optional[Tensor] = None) -> Tensor:
         """Decode ``strings`` back to (dequantized) values; ``indexes`` as in compress."""

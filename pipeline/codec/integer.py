@@ -69,10 +69,11 @@ class IntegerConv(nn.Module):
 
     ``forward`` maps an integer activation tensor (fixed point, the previous layer's
     fraction bits) to this layer's integer output: exact accumulation, rounding shift,
-    optional integer LeakyReLU, clamp.
+    optional integer activation ("leaky": LeakyReLU(0.01), "relu"), clamp. A masked conv
+    (CompressAI's ``MaskedConv2d``, the checkerboard context) is integerised with its mask applied.
     """
 
-    def __init__(self, layer: nn.Conv2d | nn.ConvTranspose2d, leaky_relu: bool) -> None:
+    def __init__(self, layer: nn.Conv2d | nn.ConvTranspose2d, activation: str | None = None) -> None:
         super().__init__()
         self.transposed = isinstance(layer, nn.ConvTranspose2d)
         if layer.groups != 1 or layer.dilation != (1, 1) or layer.kernel_size[0] != layer.kernel_size[1]:
@@ -81,7 +82,9 @@ class IntegerConv(nn.Module):
         self.stride = layer.stride[0]
         self.padding = layer.padding[0]
         self.output_padding = layer.output_padding[0] if self.transposed else 0
-        self.leaky_relu = leaky_relu
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS, key=str)}")
+        self.activation = activation
         out_ch = layer.out_channels
         in_ch = layer.in_channels
         self.register_buffer("weight", torch.zeros(out_ch, in_ch, self.kernel, self.kernel, dtype=torch.int64))
@@ -96,7 +99,7 @@ class IntegerConv(nn.Module):
     def quantize(self, layer: nn.Conv2d | nn.ConvTranspose2d, in_frac: int, out_frac: int) -> None:
         """Integer weights/bias/shift of ``layer`` for inputs with ``in_frac`` fraction bits and
         outputs with ``out_frac``; raises if an accumulator could leave the exact range."""
-        w = layer.weight.detach().to("cpu", torch.float64)
+        w = _effective_weight(layer).to("cpu", torch.float64)
         if self.transposed:
             w = w.permute(1, 0, 2, 3)  # ConvTranspose2d stores (in, out, k, k)
         peak = w.abs().amax(dim=(1, 2, 3))
@@ -133,6 +136,8 @@ class IntegerConv(nn.Module):
             out = x.new_zeros(b, out_ch, ho * wo)
             for dy in range(k):
                 for dx in range(k):
+                    if not bool(w[:, :, dy, dx].any()):
+                        continue  # a masked-out tap (checkerboard context)
                     patch = xp[:, :, dy:dy + s * (ho - 1) + 1:s, dx:dx + s * (wo - 1) + 1:s]
                     out += exact_matmul(w[:, :, dy, dx], patch.reshape(b, c_in, ho * wo))
             out = out.reshape(b, out_ch, ho, wo)
@@ -151,27 +156,103 @@ class IntegerConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = _round_shift(self.accumulate(x), self.shift)
-        if self.leaky_relu:
+        if self.activation == "leaky":
             out = torch.where(out < 0, torch.floor(out * LEAKY_NUM * math.ldexp(1.0, -LEAKY_SHIFT)), out)
+        elif self.activation == "relu":
+            out = out.clamp_min(0.0)
         return out.clamp(-ACT_MAX, ACT_MAX)
 
 
-def _conv_layers(h_s: nn.Sequential) -> list[tuple[nn.Module, bool]]:
-    """(conv, followed by LeakyReLU) pairs of a conv/LeakyReLU stack like CompressAI's h_s."""
-    modules = list(h_s)
+ACTIVATIONS = {None: lambda x: x, "leaky": lambda x: F.leaky_relu(x, 0.01), "relu": F.relu}
+
+
+def _effective_weight(layer: nn.Module) -> Tensor:
+    """A conv's weight as it computes: times its mask for CompressAI's masked convs."""
+    w = layer.weight.detach()
+    mask = getattr(layer, "mask", None)
+    return w * mask.to(w.dtype) if isinstance(mask, Tensor) else w
+
+
+def _conv_layers(net: nn.Sequential) -> list[tuple[nn.Module, str | None]]:
+    """(conv, activation after it) pairs of a conv/activation stack like CompressAI's h_s."""
+    modules = list(net) if isinstance(net, nn.Sequential) else [net]
     layers = []
     for i, m in enumerate(modules):
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             follows = modules[i + 1] if i + 1 < len(modules) else None
-            if follows is not None and not isinstance(follows, (nn.LeakyReLU, nn.Conv2d, nn.ConvTranspose2d)):
-                raise ValueError(f"cannot integerise a {type(follows).__name__} in the hyper-decoder")
+            if follows is not None and not isinstance(follows, (nn.LeakyReLU, nn.ReLU, nn.Conv2d,
+                                                                nn.ConvTranspose2d)):
+                raise ValueError(f"cannot integerise a {type(follows).__name__}")
             if isinstance(follows, nn.LeakyReLU) and abs(follows.negative_slope - 0.01) > 1e-9:
                 raise ValueError("only LeakyReLU(0.01) has an integer form here")
-            layers.append((m, isinstance(follows, nn.LeakyReLU)))
+            act = "leaky" if isinstance(follows, nn.LeakyReLU) else "relu" if isinstance(follows, nn.ReLU) else None
+            layers.append((m, act))
+        elif not isinstance(m, (nn.LeakyReLU, nn.ReLU)):
+            raise ValueError(f"cannot integerise a {type(m).__name__}")
     return layers
 
 
-class IntegerHyperSynthesis(nn.Module):
+def float_conv(layer: nn.Module, x: Tensor) -> Tensor:
+    """What ``layer`` computes, in float64 on the CPU (calibration only)."""
+    w = _effective_weight(layer).to("cpu", torch.float64)
+    b = None if layer.bias is None else layer.bias.detach().to("cpu", torch.float64)
+    if isinstance(layer, nn.ConvTranspose2d):
+        return F.conv_transpose2d(x, w, b, layer.stride, layer.padding, layer.output_padding)
+    return F.conv2d(x, w, b, layer.stride, layer.padding)
+
+
+class IntegerNetwork(nn.Module):
+    """A conv/activation stack in integer arithmetic: fixed point in (``fractions[0]`` fraction
+    bits), fixed point out (``output_frac``). Build it with :meth:`quantize_from`."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(IntegerConv(m, act) for m, act in _conv_layers(net))
+        self.register_buffer("fractions", torch.zeros(len(self.layers) + 1, dtype=torch.int64))
+
+    @property
+    def input_frac(self) -> int:
+        return int(self.fractions[0])
+
+    @property
+    def output_frac(self) -> int:
+        return int(self.fractions[-1])
+
+    @torch.no_grad()
+    def quantize_from(self, net: nn.Module, calibration: Tensor, in_frac: int) -> None:
+        """Integerise ``net`` for inputs with ``in_frac`` fraction bits: each layer's output
+        format fits the largest magnitude it reaches on ``calibration`` (typical float inputs)
+        times 2^HEADROOM_BITS."""
+        layers = _conv_layers(net)
+        x = calibration.detach().to("cpu", torch.float64)
+        fractions = [int(in_frac)]
+        for layer, act in layers:
+            x = float_conv(layer, x)
+            headroom = max(float(x.abs().max()) if x.numel() else 0.0, 1e-9) * 2 ** HEADROOM_BITS
+            fractions.append(min(MAX_FRAC, math.floor(math.log2(ACT_MAX / headroom))))
+            x = ACTIVATIONS[act](x)
+        for (layer, _), int_layer, f_in, f_out in zip(layers, self.layers, fractions[:-1], fractions[1:]):
+            int_layer.quantize(layer, f_in, f_out)
+        self.fractions.copy_(torch.tensor(fractions, dtype=torch.int64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Integer outputs (float64 holding integers) from integer inputs at ``input_frac``."""
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def change_frac(x: Tensor, from_frac: int, to_frac: int) -> Tensor:
+    """Fixed-point integers ``x`` with ``from_frac`` fraction bits re-expressed with ``to_frac``
+    (exact left shift, or rounding right shift), clamped to the activation range."""
+    if to_frac >= from_frac:
+        out = x * math.ldexp(1.0, to_frac - from_frac)
+    else:
+        out = torch.floor(x * math.ldexp(1.0, to_frac - from_frac) + 0.5)
+    return out.clamp(-ACT_MAX, ACT_MAX)
+
+
+class IntegerHyperSynthesis(IntegerNetwork):
     """The hyper-decoder ``h_s`` in integer arithmetic: z symbols in, integer entropy parameters out.
 
     Build it with :meth:`build` from the trained float ``h_s``; the output has
@@ -179,16 +260,10 @@ class IntegerHyperSynthesis(nn.Module):
     """
 
     def __init__(self, h_s: nn.Sequential, latent_channels: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(IntegerConv(m, act) for m, act in _conv_layers(h_s))
-        self.register_buffer("fractions", torch.zeros(len(self.layers) + 1, dtype=torch.int64))
+        super().__init__(h_s)
         self.register_buffer("z_median", torch.zeros(latent_channels, dtype=torch.int64))
         self.register_buffer("z_bound", torch.zeros((), dtype=torch.int64))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
-
-    @property
-    def output_frac(self) -> int:
-        return int(self.fractions[-1])
 
     @torch.no_grad()
     def build(self, h_s: nn.Sequential, medians: Tensor, calibration_z: Tensor, z_bound: int) -> None:
@@ -200,27 +275,9 @@ class IntegerHyperSynthesis(nn.Module):
         """
         medians = medians.detach().to("cpu", torch.float64).reshape(-1)
         z_peak = z_bound + float(medians.abs().max())
-        fractions = [min(MAX_FRAC, math.floor(math.log2(ACT_MAX / max(z_peak, 1e-9))))]
-        peaks = []
-        layers = _conv_layers(h_s)
-        x = calibration_z.detach().to("cpu", torch.float64)
-        for layer, act in layers:
-            w = layer.weight.detach().to("cpu", torch.float64)
-            b = None if layer.bias is None else layer.bias.detach().to("cpu", torch.float64)
-            if isinstance(layer, nn.ConvTranspose2d):
-                x = F.conv_transpose2d(x, w, b, layer.stride, layer.padding, layer.output_padding)
-            else:
-                x = F.conv2d(x, w, b, layer.stride, layer.padding)
-            peaks.append(float(x.abs().max()))
-            if act:
-                x = F.leaky_relu(x, 0.01)
-        for peak in peaks:
-            headroom = max(peak, 1e-9) * 2 ** HEADROOM_BITS
-            fractions.append(min(MAX_FRAC, math.floor(math.log2(ACT_MAX / headroom))))
-        for (layer, _), int_layer, f_in, f_out in zip(layers, self.layers, fractions[:-1], fractions[1:]):
-            int_layer.quantize(layer, f_in, f_out)
-        self.fractions.copy_(torch.tensor(fractions, dtype=torch.int64))
-        self.z_median.copy_(torch.round(medians * 2.0 ** fractions[0]).to(torch.int64))
+        in_frac = min(MAX_FRAC, math.floor(math.log2(ACT_MAX / max(z_peak, 1e-9))))
+        self.quantize_from(h_s, calibration_z, in_frac)
+        self.z_median.copy_(torch.round(medians * 2.0 ** in_frac).to(torch.int64))
         self.z_bound.fill_(int(z_bound))
         self.ready.fill_(True)
 
@@ -230,10 +287,8 @@ class IntegerHyperSynthesis(nn.Module):
             raise RuntimeError("the integer hyper-decoder is not built: run update() first")
         bound = float(self.z_bound)
         sym = z_symbols.to(torch.float64).clamp(-bound, bound)
-        x = sym * math.ldexp(1.0, int(self.fractions[0])) + self.z_median.to(torch.float64)[None, :, None, None]
-        for layer in self.layers:
-            x = layer(x)
-        return x
+        x = sym * math.ldexp(1.0, self.input_frac) + self.z_median.to(torch.float64)[None, :, None, None]
+        return super().forward(x)
 
 
 def hyper_latent_samples(eb: nn.Module, batch: int = 16, size: int = 8,

@@ -19,13 +19,18 @@ Variants:
   input channel, and a latent mask attention block rescales y.
 - ``ggm``: ``sft`` with a generalized Gaussian entropy model (learned shape beta).
 
-Coding (``compress``/``decompress``) selects y's CDF tables with the integer-exact
-hyper-decoder of :mod:`pipeline.codec.integer` (built by ``update()``), so files decode
-the same on every machine; training (``forward``) uses the float hyper-decoder it came from.
+Every variant codes y with one of two entropy models (``entropy=``): ``"hyperprior"``
+(mean-scale, parameters from the hyper-latent alone) or ``"context"`` (channel groups with a
+checkerboard context, :mod:`pipeline.codec.context`).
+
+Coding (``compress``/``decompress``) selects y's CDF tables with integer-exact networks
+(:mod:`pipeline.codec.integer`, built by ``update()``), so files decode the same on every
+machine; training (``forward``) uses the float networks they came from.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable, ClassVar
 
@@ -38,6 +43,7 @@ from compressai.models.base import get_scale_table
 from compressai.models.utils import conv, deconv
 from torch import nn
 
+from pipeline.codec.context import ContextLatentCodec, default_groups
 from pipeline.codec.entropy import (CompactGaussianConditional, GeneralizedGaussianConditional, pad_for_decoding,
                                     std_factor)
 from pipeline.codec.integer import (GaussianTableIndex, GeneralizedGaussianTableIndex, IntegerHyperSynthesis,
@@ -47,6 +53,7 @@ from pipeline.codec.layers import (SFT, GainUnits, LatentMaskAttention, MaskImag
 from pipeline.masks.ops import assign_nonroi_value
 
 MODELS: dict[str, type["ROICodec"]] = {}
+ENTROPY_MODELS = ("hyperprior", "context")
 
 # CompressAI's default 64-level scale table costs ~3% extra bits on low-scale latents
 # (a table scale up to 13% wider than predicted); 256 levels (3% apart) cut that to ~1%.
@@ -96,11 +103,14 @@ class ROICodec(CompressionModel):
     variant: ClassVar[str] = "base"
     stride: ClassVar[int] = 64  # 16 (g_a) x 4 (h_a)
 
-    def __init__(self, N: int = 128, M: int = 192, n_rates: int = 4) -> None:
+    def __init__(self, N: int = 128, M: int = 192, n_rates: int = 4, entropy: str = "hyperprior",
+                 groups: list[int] | None = None, context_hidden: int | None = None) -> None:
         super().__init__()
-        self.N, self.M, self.n_rates = N, M, n_rates
+        if entropy not in ENTROPY_MODELS:
+            raise ValueError(f"unknown entropy model {entropy!r}; choose from {list(ENTROPY_MODELS)}")
+        self.N, self.M, self.n_rates, self.entropy = N, M, n_rates, entropy
         self.entropy_bottleneck = EntropyBottleneck(N)
-        self.gaussian_conditional = CompactGaussianConditional(None)
+        self._make_latent_entropy_model()
         self.h_a = nn.Sequential(conv(M, N, stride=1, kernel_size=3), nn.LeakyReLU(inplace=True),
                                  conv(N, N), nn.LeakyReLU(inplace=True), conv(N, N))
         self.h_s = nn.Sequential(deconv(N, M), nn.LeakyReLU(inplace=True),
@@ -109,13 +119,27 @@ class ROICodec(CompressionModel):
                                       kernel_size=3))
         self.gain = GainUnits(n_rates, M)
         self.hyper_int = IntegerHyperSynthesis(self.h_s, N)
-        self.table_index: nn.Module = GaussianTableIndex(SCALE_TABLE_LEVELS)
+        self.context: ContextLatentCodec | None = None
+        if entropy == "context":
+            groups = list(groups) if groups is not None else default_groups(M)
+            if sum(groups) != M or min(groups) < 1:
+                raise ValueError(f"channel groups {groups} must be positive and sum to M={M}")
+            self.context = ContextLatentCodec(groups, self._entropy_param_channels(), self._params_per_channel(),
+                                              [self._make_table_index(g) for g in groups],
+                                              hidden=context_hidden or N)
+        else:
+            self.table_index = self._make_table_index(M)
 
     # -- configuration ---------------------------------------------------------------
     @property
     def config(self) -> dict[str, Any]:
-        """Constructor arguments, enough to rebuild the model with :func:`build_model`."""
-        return {"N": self.N, "M": self.M, "n_rates": self.n_rates}
+        """Constructor arguments, enough to rebuild the model with :func:`build_model`
+        (the entropy model only when it is not the hyperprior, so older checkpoints keep
+        their fingerprint)."""
+        config: dict[str, Any] = {"N": self.N, "M": self.M, "n_rates": self.n_rates}
+        if self.context is not None:
+            config.update(entropy=self.entropy, groups=self.context.groups, context_hidden=self.context.hidden)
+        return config
 
     # -- variant hooks ---------------------------------------------------------------
     def analysis(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -137,12 +161,40 @@ class ROICodec(CompressionModel):
     def synthesis(self, y_hat: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
         return self.g_s(y_hat)  # variants without their own synthesis define ``g_s``
 
+    # the latent entropy model (the hooks ggm overrides)
+    def _make_latent_entropy_model(self) -> None:
+        self.gaussian_conditional = CompactGaussianConditional(None)
+
     def _entropy_param_channels(self) -> int:
         return 2 * self.M
 
-    def _latent_forward(self, y: torch.Tensor, z_hat: torch.Tensor):
+    def _params_per_channel(self) -> int:
+        return self._entropy_param_channels() // self.M
+
+    def _make_table_index(self, channels: int) -> nn.Module:
+        return GaussianTableIndex(SCALE_TABLE_LEVELS)
+
+    def _build_group_index(self, index: nn.Module, frac: int, first: int, end: int) -> None:
+        """Build a table index for integer parameters with ``frac`` fraction bits, channels first..end."""
+        index.build(self.gaussian_conditional.scale_table, frac)
+
+    def _group_indexes(self, index: nn.Module, scales_int: torch.Tensor, raw_int: torch.Tensor | None
+                       ) -> torch.Tensor:
+        return index(scales_int)
+
+    def context_likelihood(self, y: torch.Tensor, scales: torch.Tensor, means: torch.Tensor,
+                           raw: torch.Tensor | None, first: int, end: int) -> torch.Tensor:
+        """Likelihoods of channels ``first..end`` of y under the entropy model (context model, training)."""
+        return self.gaussian_conditional(y, scales, means=means)[1]
+
+    def _hyperprior_forward(self, y: torch.Tensor, z_hat: torch.Tensor):
         scales, means = self.h_s(z_hat).chunk(2, 1)
         return self.gaussian_conditional(y, scales, means=means)
+
+    def _latent_forward(self, y: torch.Tensor, z_hat: torch.Tensor):
+        if self.context is not None:
+            return self.context(y, self.h_s(z_hat), self.context_likelihood)
+        return self._hyperprior_forward(y, z_hat)
 
     @property
     def latent_entropy_model(self) -> nn.Module:
@@ -169,14 +221,26 @@ class ROICodec(CompressionModel):
         medians = self.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
         return torch.round(z_hat.to(torch.float64) - medians.to(torch.float64))
 
+    def _context_code(self, z_hat: torch.Tensor, **kw: Any) -> dict[str, Any]:
+        side = self.hyper_int(self.hyper_symbols(z_hat))
+        return self.context.code(side, self.hyper_int.output_frac, self.latent_entropy_model, self._group_indexes,
+                                 dtype=z_hat.dtype, **kw)
+
     def _latent_compress(self, y: torch.Tensor, z_hat: torch.Tensor) -> list[bytes]:
+        """y's strings (one per batch item)."""
+        if self.context is not None:
+            return self._context_code(z_hat, y=y)["strings"]
         indexes, means = self._entropy_parameters(z_hat)
         return self.latent_entropy_model.compress(y, indexes, means=means.to(y.dtype))
 
-    def _latent_decompress(self, strings: list[bytes], z_hat: torch.Tensor) -> torch.Tensor:
+    def decode_latent(self, strings: list[bytes], z_hat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """y from its strings: ``y_hat`` and the coded state (``indexes``, ``symbols``)."""
+        if self.context is not None:
+            return self._context_code(z_hat, strings=strings)
         indexes, means = self._entropy_parameters(z_hat)
         strings = [pad_for_decoding(s, indexes[0].numel()) for s in strings]
-        return self.latent_entropy_model.decompress(strings, indexes, z_hat.dtype, means=means)
+        y_hat = self.latent_entropy_model.decompress(strings, indexes, z_hat.dtype, means=means)
+        return {"y_hat": y_hat, "indexes": indexes, "symbols": torch.round(y_hat.double() - means.double())}
 
     # -- shared plumbing -------------------------------------------------------------
     def update(self, scale_table: torch.Tensor | None = None, force: bool = False,
@@ -200,9 +264,10 @@ class ROICodec(CompressionModel):
         return False  # CompressAI's update() already built the GaussianConditional's tables
 
     def coding_ready(self) -> bool:
-        """Whether the tables and the integer hyper-decoder are built (``update()`` has run)."""
+        """Whether the tables and the integer networks are built (``update()`` has run)."""
         models = (self.entropy_bottleneck, self.latent_entropy_model)
-        return all(m._offset.numel() > 0 for m in models) and bool(self.hyper_int.ready)
+        ready = all(m._offset.numel() > 0 for m in models) and bool(self.hyper_int.ready)
+        return ready and (self.context is None or bool(self.context.ready))
 
     @torch.no_grad()
     def _build_integer_path(self) -> None:
@@ -211,10 +276,11 @@ class ROICodec(CompressionModel):
         symbols, bound = hyper_latent_samples(eb)
         calibration = symbols + medians.cpu().double()[None, :, None, None]
         self.hyper_int.build(self.h_s, medians, calibration, bound)
-        self._build_table_index()
-
-    def _build_table_index(self) -> None:
-        self.table_index.build(self.gaussian_conditional.scale_table, self.hyper_int.output_frac)
+        if self.context is None:
+            self._build_group_index(self.table_index, self.hyper_int.output_frac, 0, self.M)
+            return
+        side = copy.deepcopy(self.h_s).to("cpu", torch.float64)(calibration)
+        self.context.build(side, self.hyper_int.output_frac, self._build_group_index)
 
     @staticmethod
     def effective_mask(x: torch.Tensor, mask: torch.Tensor | None,
@@ -257,8 +323,7 @@ class ROICodec(CompressionModel):
         z = self.h_a(y)
         z_strings = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.size()[-2:])
-        y_strings = self._latent_compress(y, z_hat)
-        return {"strings": [y_strings, z_strings], "shape": z.size()[-2:]}
+        return {"strings": [self._latent_compress(y, z_hat), z_strings], "shape": z.size()[-2:]}
 
     @torch.no_grad()
     def decompress(self, strings: list[list[bytes]], shape: tuple[int, int] | torch.Size,
@@ -266,7 +331,7 @@ class ROICodec(CompressionModel):
         """Rebuild the (padded) image from the strings; no mask needed."""
         z_strings = [pad_for_decoding(s, self.N * shape[0] * shape[1]) for s in strings[1]]
         z_hat = self.entropy_bottleneck.decompress(z_strings, shape)
-        y_hat = self._latent_decompress(strings[0], z_hat)
+        y_hat = self.decode_latent(strings[0], z_hat)["y_hat"]
         x_hat = self.synthesis(self.gain.inverse(y_hat, rate), z_hat).clamp_(0, 1)
         return {"x_hat": x_hat}
 
@@ -282,8 +347,8 @@ class TLIC(ROICodec):
     """
 
     def __init__(self, N: int = 128, M: int = 192, n_rates: int = 4, alpha: float = 0.1,
-                 protected: int | None = None, smooth_kernel: int = 3) -> None:
-        super().__init__(N, M, n_rates)
+                 protected: int | None = None, smooth_kernel: int = 3, **entropy: Any) -> None:
+        super().__init__(N, M, n_rates, **entropy)
         self.alpha = alpha
         self.protected = M // 4 if protected is None else protected
         if not 0 <= self.protected <= M:
@@ -319,8 +384,9 @@ class SFTCodec(ROICodec):
     grid cannot carry anyway.
     """
 
-    def __init__(self, N: int = 128, M: int = 192, n_rates: int = 4, cond_channels: int = 32) -> None:
-        super().__init__(N, M, n_rates)
+    def __init__(self, N: int = 128, M: int = 192, n_rates: int = 4, cond_channels: int = 32,
+                 **entropy: Any) -> None:
+        super().__init__(N, M, n_rates, **entropy)
         self.cond_channels = cond_channels
         c = cond_channels
         self.enc_convs = nn.ModuleList([conv(3, N), conv(N, N), conv(N, N), conv(N, M)])
@@ -372,8 +438,8 @@ class TMA(ROICodec):
     """
 
     def __init__(self, N: int = 128, M: int = 192, n_rates: int = 4, attention_hidden: int = 32,
-                 attention_prior: float | None = 0.1) -> None:
-        super().__init__(N, M, n_rates)
+                 attention_prior: float | None = 0.1, **entropy: Any) -> None:
+        super().__init__(N, M, n_rates, **entropy)
         self.attention_hidden = attention_hidden
         self.attention_prior = attention_prior
         self.g_a = _analysis_layers(4, N, M)
@@ -404,17 +470,33 @@ class GGMCodec(SFTCodec):
     """
 
     def __init__(self, N: int = 128, M: int = 192, n_rates: int = 4, cond_channels: int = 32,
-                 beta_mode: str = "element") -> None:
+                 beta_mode: str = "element", **entropy: Any) -> None:
         if beta_mode not in ("element", "channel"):
             raise ValueError("beta_mode must be 'element' or 'channel'")
         self.beta_mode = beta_mode  # read by _entropy_param_channels during super().__init__
-        super().__init__(N, M, n_rates, cond_channels)
-        del self.gaussian_conditional
-        self.gg_conditional = GeneralizedGaussianConditional()
-        self.table_index = GeneralizedGaussianTableIndex(len(get_scale_table()), self.gg_conditional.beta_levels,
-                                                         M)
+        super().__init__(N, M, n_rates, cond_channels, **entropy)
         if beta_mode == "channel":
             self.beta_logits = nn.Parameter(torch.zeros(1, M, 1, 1))
+
+    def _make_latent_entropy_model(self) -> None:
+        self.gg_conditional = GeneralizedGaussianConditional()
+
+    def _make_table_index(self, channels: int) -> nn.Module:
+        return GeneralizedGaussianTableIndex(len(get_scale_table()), self.gg_conditional.beta_levels, channels)
+
+    def _build_group_index(self, index: nn.Module, frac: int, first: int, end: int) -> None:
+        gg = self.gg_conditional
+        betas = gg.bound_beta(self.beta_logits[:, first:end]) if self.beta_mode == "channel" else None
+        index.build(gg.scale_table, gg.beta_table, gg.beta_range, frac, std_factor, betas)
+
+    def _group_indexes(self, index: nn.Module, scales_int: torch.Tensor, raw_int: torch.Tensor | None
+                       ) -> torch.Tensor:
+        return index(scales_int, raw_int)
+
+    def context_likelihood(self, y: torch.Tensor, scales: torch.Tensor, means: torch.Tensor,
+                           raw: torch.Tensor | None, first: int, end: int) -> torch.Tensor:
+        raw = raw if raw is not None else self.beta_logits[:, first:end].expand_as(scales)
+        return self.gg_conditional(y, scales, self.gg_conditional.bound_beta(raw), means=means)[1]
 
     @property
     def config(self) -> dict[str, Any]:
@@ -456,7 +538,7 @@ class GGMCodec(SFTCodec):
             (scales, means), raw = params.chunk(2, 1), self.beta_logits.expand_as(params[:, :self.M])
         return scales, means, self.gg_conditional.bound_beta(raw)
 
-    def _latent_forward(self, y: torch.Tensor, z_hat: torch.Tensor):
+    def _hyperprior_forward(self, y: torch.Tensor, z_hat: torch.Tensor):
         scales, means, betas = self._gg_params(z_hat)
         return self.gg_conditional(y, scales, betas, means=means)
 
@@ -479,8 +561,4 @@ class GGMCodec(SFTCodec):
     def _update_latent_tables(self, force: bool) -> bool:
         return self.gg_conditional.update(force=force)
 
-    def _build_table_index(self) -> None:
-        gg = self.gg_conditional
-        channel_betas = gg.bound_beta(self.beta_logits) if self.beta_mode == "channel" else None
-        self.table_index.build(gg.scale_table, gg.beta_table, gg.beta_range, self.hyper_int.output_frac,
-                               std_factor, channel_betas)
+

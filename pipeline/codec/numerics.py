@@ -28,9 +28,8 @@ def coded_state(model: ROICodec, data: bytes) -> tuple[Tensor, Tensor]:
     header, groups = unpack(data)
     with torch.no_grad():
         z_hat = model.entropy_bottleneck.decompress(groups[1], hyper_latent_shape(model, header))
-        indexes, means = model._entropy_parameters(z_hat)
-        y_hat = model._latent_decompress(groups[0], z_hat)
-    return indexes, torch.round(y_hat.double() - means.double())
+        state = model.decode_latent(groups[0], z_hat)
+    return state["indexes"], state["symbols"]
 
 
 def conv2d_unfold(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
+from pipeline.codec.models import ENTROPY_MODELS
 from pipeline.data.dataset import DatasetError, check_crop, plan_shards, training_datasets
 from pipeline.ray_session import ensure_ray
 from pipeline.train import tracking
@@ -425,6 +426,9 @@ def build_parser(variant: str | None = None, description: str | None = None) -> 
     p.add_argument("--N", type=int, dest="n_channels", help="codec width N (default 128, 16 with --smoke)")
     p.add_argument("--M", type=int, dest="m_channels", help="latent channels M (default 192, 24 with --smoke)")
     p.add_argument("--n-rates", type=int, help="trained rate points of the gain units (default 4, 2 with --smoke)")
+    p.add_argument("--entropy", choices=ENTROPY_MODELS, default="hyperprior",
+                   help="entropy model of the latent: hyperprior (mean-scale) or context (channel groups with a "
+                        "checkerboard context, ELIC-style; see docs/training.md)")
     p.add_argument("--init", metavar="WEIGHTS",
                    help="warm start a new run from compressai:mbt2018-mean:Q (CompressAI's pretrained weights of "
                         "quality 1-8, read from the torch hub cache) or a file (a CompressAI MeanScaleHyperprior "
@@ -495,6 +499,8 @@ def config_from_args(args: argparse.Namespace, variant: str | None = None) -> Tr
     base = SMOKE_MODEL if smoke else DEFAULT_MODEL
     model = {"N": pick(args.n_channels, base["N"], base["N"]), "M": pick(args.m_channels, base["M"], base["M"]),
              "n_rates": pick(args.n_rates, base["n_rates"], base["n_rates"])}
+    if args.entropy != "hyperprior":
+        model["entropy"] = args.entropy
     if args.init:  # N and M not given: the --init weights' (train() reads them)
         if args.n_channels is None:
             del model["N"]
