@@ -35,7 +35,7 @@ def test_help_explains_the_options(capsys):
                 "--alpha-low", "--alpha-high", "--omega", "--lambda-norm", "--roi-crops", "--lr-drop",
                 "--ms-ssim-weight", "--checkpoint-every", "--keep",
                 "--max-failures", "--run-name", "--storage-path", "--mlflow-uri", "--experiment", "--smoke",
-                "--init", "--init-lambda"):
+                "--init", "--init-lambda", "--entropy"):
         assert opt in res.stdout
     ggm = _run_in_process(capsys, "jobs/train_ggm.py", "--help")
     assert ggm.returncode == 0 and "--variant" not in ggm.stdout

@@ -54,14 +54,11 @@ def exact_matmul(weight: Tensor, x: Tensor) -> Tensor:
     return torch.matmul(weight, x)
 
 
-def _round_shift(acc: Tensor, shift: Tensor) -> Tensor:
-    """``round(acc / 2^shift)`` (half up) per channel of a (B,C,H,W) integer tensor, exactly.
-
-    The powers of two are made by Python's ``ldexp`` (exact), not a device ``pow``.
-    """
-    scale = torch.tensor([math.ldexp(1.0, -s) for s in shift.tolist()], dtype=torch.float64,
-                         device=acc.device)[None, :, None, None]
-    return torch.floor(acc * scale + 0.5)
+def _shift_scales(shift: Tensor) -> Tensor:
+    """``2^-shift`` per channel as a (1,C,1,1) float64 tensor, made by Python's ``ldexp``
+    (exact), not a device ``pow``."""
+    return torch.tensor([math.ldexp(1.0, -s) for s in shift.tolist()], dtype=torch.float64,
+                        device=shift.device)[None, :, None, None]
 
 
 class IntegerConv(nn.Module):
@@ -124,22 +121,33 @@ class IntegerConv(nn.Module):
         self.bias.copy_(b_int.to(device, torch.int64))
         self.shift.copy_((acc_frac - out_frac).to(device, torch.int64))
 
+    def _prepared(self) -> tuple[list[tuple[int, int, Tensor]], Tensor, Tensor]:
+        """The float64 forms of the buffers, cached until a buffer changes: the taps with a
+        non-zero weight (a masked conv's others are skipped) as contiguous matrices, the
+        bias and the per-channel ``2^-shift``."""
+        key = tuple((t.data_ptr(), t._version, t.device) for t in (self.weight, self.bias, self.shift))
+        cache = getattr(self, "_cache", None)
+        if cache is None or cache[0] != key:
+            w = self.weight.to(torch.float64)
+            taps = [(dy, dx, w[:, :, dy, dx].contiguous()) for dy in range(self.kernel) for dx in range(self.kernel)
+                    if bool(w[:, :, dy, dx].any())]
+            cache = (key, taps, self.bias.to(torch.float64)[None, :, None, None], _shift_scales(self.shift))
+            self._cache = cache
+        return cache[1], cache[2], cache[3]
+
     def accumulate(self, x: Tensor) -> Tensor:
         """The exact integer sums ``conv(x, weight) + bias`` (float64 holding integers)."""
-        w = self.weight.to(torch.float64)
+        taps, bias, _ = self._prepared()
         b, c_in, h, wd = x.shape
         k, s, p = self.kernel, self.stride, self.padding
-        out_ch = w.shape[0]
+        out_ch = self.weight.shape[0]
         if not self.transposed:
             xp = F.pad(x, (p, p, p, p))
             ho, wo = (h + 2 * p - k) // s + 1, (wd + 2 * p - k) // s + 1
             out = x.new_zeros(b, out_ch, ho * wo)
-            for dy in range(k):
-                for dx in range(k):
-                    if not bool(w[:, :, dy, dx].any()):
-                        continue  # a masked-out tap (checkerboard context)
-                    patch = xp[:, :, dy:dy + s * (ho - 1) + 1:s, dx:dx + s * (wo - 1) + 1:s]
-                    out += exact_matmul(w[:, :, dy, dx], patch.reshape(b, c_in, ho * wo))
+            for dy, dx, w in taps:
+                patch = xp[:, :, dy:dy + s * (ho - 1) + 1:s, dx:dx + s * (wo - 1) + 1:s]
+                out += exact_matmul(w, patch.reshape(b, c_in, ho * wo))
             out = out.reshape(b, out_ch, ho, wo)
         else:
             ho = (h - 1) * s - 2 * p + k + self.output_padding
@@ -147,15 +155,14 @@ class IntegerConv(nn.Module):
             canvas = x.new_zeros(b, out_ch, (h - 1) * s + k + self.output_padding,
                                  (wd - 1) * s + k + self.output_padding)
             cols = x.reshape(b, c_in, h * wd)
-            for dy in range(k):
-                for dx in range(k):
-                    contrib = exact_matmul(w[:, :, dy, dx], cols).reshape(b, out_ch, h, wd)
-                    canvas[:, :, dy:dy + s * (h - 1) + 1:s, dx:dx + s * (wd - 1) + 1:s] += contrib
+            for dy, dx, w in taps:
+                contrib = exact_matmul(w, cols).reshape(b, out_ch, h, wd)
+                canvas[:, :, dy:dy + s * (h - 1) + 1:s, dx:dx + s * (wd - 1) + 1:s] += contrib
             out = canvas[:, :, p:p + ho, p:p + wo]
-        return out + self.bias.to(torch.float64)[None, :, None, None]
+        return out + bias
 
     def forward(self, x: Tensor) -> Tensor:
-        out = _round_shift(self.accumulate(x), self.shift)
+        out = torch.floor(self.accumulate(x) * self._prepared()[2] + 0.5)  # round(acc / 2^shift), half up
         if self.activation == "leaky":
             out = torch.where(out < 0, torch.floor(out * LEAKY_NUM * math.ldexp(1.0, -LEAKY_SHIFT)), out)
         elif self.activation == "relu":
