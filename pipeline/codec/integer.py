@@ -226,10 +226,10 @@ class IntegerNetwork(nn.Module):
         return int(self.fractions[-1])
 
     @torch.no_grad()
-    def quantize_from(self, net: nn.Module, calibration: Tensor, in_frac: int) -> None:
+    def quantize_from(self, net: nn.Module, calibration: Tensor, in_frac: int) -> Tensor:
         """Integerise ``net`` for inputs with ``in_frac`` fraction bits: each layer's output
         format fits the largest magnitude it reaches on ``calibration`` (typical float inputs)
-        times 2^HEADROOM_BITS."""
+        times 2^HEADROOM_BITS. Returns ``net``'s float64 output on ``calibration``."""
         layers = _conv_layers(net)
         x = calibration.detach().to("cpu", torch.float64)
         fractions = [int(in_frac)]
@@ -241,6 +241,7 @@ class IntegerNetwork(nn.Module):
         for (layer, _), int_layer, f_in, f_out in zip(layers, self.layers, fractions[:-1], fractions[1:]):
             int_layer.quantize(layer, f_in, f_out)
         self.fractions.copy_(torch.tensor(fractions, dtype=torch.int64))
+        return x
 
     def forward(self, x: Tensor) -> Tensor:
         """Integer outputs (float64 holding integers) from integer inputs at ``input_frac``."""
@@ -273,8 +274,9 @@ class IntegerHyperSynthesis(IntegerNetwork):
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
-    def build(self, h_s: nn.Sequential, medians: Tensor, calibration_z: Tensor, z_bound: int) -> None:
-        """Integerise ``h_s`` for hyper-latents ``z_hat = symbol + median``.
+    def build(self, h_s: nn.Sequential, medians: Tensor, calibration_z: Tensor, z_bound: int) -> Tensor:
+        """Integerise ``h_s`` for hyper-latents ``z_hat = symbol + median``; returns ``h_s``'s
+        float64 output on ``calibration_z``.
 
         ``calibration_z`` (B,N,h,w) are typical z_hat values: each layer's output format is
         chosen so their largest magnitude, times 2^HEADROOM_BITS, fits the activation range.
@@ -283,10 +285,11 @@ class IntegerHyperSynthesis(IntegerNetwork):
         medians = medians.detach().to("cpu", torch.float64).reshape(-1)
         z_peak = z_bound + float(medians.abs().max())
         in_frac = min(MAX_FRAC, math.floor(math.log2(ACT_MAX / max(z_peak, 1e-9))))
-        self.quantize_from(h_s, calibration_z, in_frac)
+        side = self.quantize_from(h_s, calibration_z, in_frac)
         self.z_median.copy_(torch.round(medians * 2.0 ** in_frac).to(torch.int64))
         self.z_bound.fill_(int(z_bound))
         self.ready.fill_(True)
+        return side
 
     def forward(self, z_symbols: Tensor) -> Tensor:
         """Integer entropy parameters (float64 holding integers) from integer z symbols (B,N,h,w)."""

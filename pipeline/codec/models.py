@@ -30,7 +30,6 @@ machine; training (``forward``) uses the float networks they came from.
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Callable, ClassVar
 
@@ -275,11 +274,10 @@ class ROICodec(CompressionModel):
         medians = eb._get_medians().detach().reshape(-1)
         symbols, bound = hyper_latent_samples(eb)
         calibration = symbols + medians.cpu().double()[None, :, None, None]
-        self.hyper_int.build(self.h_s, medians, calibration, bound)
+        side = self.hyper_int.build(self.h_s, medians, calibration, bound)
         if self.context is None:
             self._build_group_index(self.table_index, self.hyper_int.output_frac, 0, self.M)
             return
-        side = copy.deepcopy(self.h_s).to("cpu", torch.float64)(calibration)
         self.context.build(side, self.hyper_int.output_frac, self._build_group_index)
 
     @staticmethod
@@ -560,5 +558,3 @@ class GGMCodec(SFTCodec):
 
     def _update_latent_tables(self, force: bool) -> bool:
         return self.gg_conditional.update(force=force)
-
-
