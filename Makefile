@@ -10,7 +10,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-extended bench clean
 
 # Debian's chromium drives the web-page test (Playwright is only the client; never
 # `playwright install`, which downloads browsers from outside the package registries).
@@ -34,6 +34,9 @@ demo: setup
 
 test: setup $(CHROMIUM)
 	$(BIN)/python -m pytest
+
+test-extended: setup
+	$(BIN)/python -m pytest -m extended
 
 bench: setup
 	$(BIN)/python benchmarks/codec_speed.py

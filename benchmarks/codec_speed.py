@@ -4,7 +4,10 @@ Prints one JSON object: megapixels/second for encode (``compress``: transforms +
 entropy coding) and decode (``decompress``) of each model built with the same N/M on
 the same images in the same run, and each variant's time relative to
 ``bmshj2018_hyperprior`` (ScaleHyperprior) and ``mbt2018_mean`` (MeanScaleHyperprior).
-Target: our variants within 1.3x of the plain hyperprior's time.
+Target: the variants on the hyperprior's convolutional transforms within 1.3x of the plain
+hyperprior's time (the ROI conditioning's overhead). ``swin`` has another backbone (Swin
+transformer stages, the paper's depths at the same N/M, so the same latent size): its ratio is
+reported, outside that target.
 
     python benchmarks/codec_speed.py [--N 128 --M 192 --size 512 --images 3 --repeats 3]
 """
@@ -22,6 +25,8 @@ from compressai.models import MeanScaleHyperprior, ScaleHyperprior
 
 from pipeline.codec.models import MODELS, build_model
 from pipeline.data.samples import objects_mask, photo_like_image
+
+OTHER_BACKBONES = ("swin",)  # reported, outside the 1.3x target
 
 
 def _images(n: int, size: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -94,14 +99,15 @@ def main() -> None:
         r["decode_time_vs_hyperprior"] = r["decode_s"] / base["decode_s"]
         r["encode_time_vs_mbt2018_mean"] = r["encode_s"] / results["mbt2018_mean"]["encode_s"]
         r["decode_time_vs_mbt2018_mean"] = r["decode_s"] / results["mbt2018_mean"]["decode_s"]
-    worst = max(max(results[v]["encode_time_vs_hyperprior"], results[v]["decode_time_vs_hyperprior"])
-                for v in args.variants)
+    targeted = [v for v in args.variants if v not in OTHER_BACKBONES]
+    worst = max((max(results[v]["encode_time_vs_hyperprior"], results[v]["decode_time_vs_hyperprior"])
+                 for v in targeted), default=float("nan"))
     print(json.dumps({
         "benchmark": "codec_speed", "device": str(device), "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "N": args.N, "M": args.M, "image_side": args.size, "images": args.images,
         "results": results, "worst_variant_time_vs_hyperprior": worst,
-        "target_max_ratio": 1.3, "within_target": worst <= 1.3,
+        "target_max_ratio": 1.3, "within_target": worst <= 1.3, "target_variants": targeted,
     }, indent=2))
 
 

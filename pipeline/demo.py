@@ -176,6 +176,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant:
     """
     import ray
 
+    from pipeline.codec.models import MODELS
     from pipeline.data.photos import HELD_OUT, OBJECTS, TRAIN, write_photo_set
     from pipeline.data.preprocess import preprocess
     from pipeline.eval.evaluate import EvaluationError
@@ -210,7 +211,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant:
         tune = {**FINETUNE, **(finetune or {})}
         tune.update(steps=min(tune["steps"], steps // 2), crop=min(tune["crop"], max_side // 64 * 64))
         _stage(3, f"training a small {variant} codec ({entropy}) with Ray Train ({steps} steps, CPU)")
-        model = dict(model or DEFAULT_MODEL)
+        model = dict(model or {**DEFAULT_MODEL, **MODELS[variant].SMALL})
         if entropy != "hyperprior":
             model["entropy"] = entropy
         base = TrainConfig(

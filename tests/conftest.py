@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.codec.models import ROICodec, build_model
+from pipeline.codec.models import MODELS, ROICodec, build_model, pad_to_multiple
 from pipeline.data.samples import objects_mask, photo_like_image
 from pipeline.train.local import train_local
 
@@ -24,7 +24,12 @@ TINY_CLIP = {
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-VARIANTS = ["tlic", "sft", "tma", "ggm"]
+VARIANTS = ["tlic", "sft", "tma", "ggm", "swin"]
+
+
+def tiny_model(variant: str, **config) -> ROICodec:
+    """``variant`` at :data:`TINY` (and the variant's small configuration for CPU runs)."""
+    return build_model(variant, **TINY, **MODELS[variant].SMALL, **config)
 
 
 def run_job_script(script: Path, args: list[str]) -> int:
@@ -49,6 +54,24 @@ def image_and_mask(height: int, width: int, seed: int, n_objects: int | None = N
     return x, m
 
 
+def encoder_side(model: ROICodec, x: torch.Tensor, m: torch.Tensor | None, q: float, rate: float) -> dict:
+    """What the encoder quantised: its ``y_hat``, coded state (``indexes``, ``symbols``), ``z_hat``
+    and the (padded) image ``x_hat`` they synthesise."""
+    with torch.no_grad():
+        y = model._encode_latent(pad_to_multiple(x, 64), None if m is None else pad_to_multiple(m, 64), q, rate)
+        z = model.h_a(y)
+        z_hat = model.entropy_bottleneck.decompress(model.entropy_bottleneck.compress(z), z.shape[-2:])
+        if model.context is not None:
+            state = model._context_code(z_hat, y=y)
+        else:  # what GaussianConditional.compress / decompress do around the integer path's means
+            indexes, means = model._entropy_parameters(z_hat)
+            symbols = torch.round(y - means)
+            state = {"y_hat": symbols + means, "indexes": indexes, "symbols": symbols.double()}
+        state["x_hat"] = model.synthesis(model.gain.inverse(state["y_hat"], rate), z_hat).clamp(0, 1)
+        state["z_hat"] = z_hat
+    return state
+
+
 @pytest.fixture(scope="session")
 def clip_config(tmp_path_factory) -> Path:
     """:data:`TINY_CLIP` written as an open_clip model config file."""
@@ -63,7 +86,7 @@ def untrained() -> dict[str, ROICodec]:
     torch.manual_seed(0)
     models = {}
     for variant in VARIANTS:
-        model = build_model(variant, **TINY).eval()
+        model = tiny_model(variant).eval()
         model.update(force=True)
         models[variant] = model
     return models
@@ -81,7 +104,7 @@ def trained():
             images = torch.cat([p[0] for p in pairs])
             masks = torch.cat([p[1] for p in pairs])
             torch.manual_seed(0)
-            model = build_model(variant, **TINY)
+            model = tiny_model(variant)
             train_local(model, images, masks, steps=1000, batch=8, crop=64, lr=1e-3)
             _TRAINED[variant] = model
         return _TRAINED[variant]

@@ -10,7 +10,7 @@ from pipeline.codec.coding import decode, encode
 from pipeline.codec.layers import GainUnits
 from pipeline.codec.models import MODELS, build_model, pad_to_multiple
 
-from conftest import VARIANTS, image_and_mask
+from conftest import VARIANTS, encoder_side, image_and_mask
 
 
 def test_registry_has_every_variant():
@@ -32,24 +32,26 @@ def test_forward_shapes_and_likelihoods(untrained, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("size", [(64, 64), (45, 67), (500, 741)])
 def test_file_round_trip_equals_quantized_reconstruction(untrained, variant, size):
-    """Decoding the file gives exactly the model's reconstruction from its quantized latents."""
+    """Decoding the file gives exactly the encoder's reconstruction from its quantized latents,
+    and the training forward (eval mode: rounding around the float hyper-decoder's means) agrees
+    with it but for a symbol at a rounding tie now and then."""
     model = untrained[variant]
     h, w = size
     x, m = image_and_mask(h, w, seed=h + w)
     data = encode(model, x, m, roi_quality=0.2, rate=0.7)
     decoded = decode(model, data)  # no mask: the decoder never needs it
     assert decoded.shape == x.shape
-    with torch.no_grad():  # eval-mode forward rounds y around its means and z at its medians
+    assert torch.equal(decoded, encoder_side(model, x, m, 0.2, 0.7)["x_hat"][..., :h, :w])
+    with torch.no_grad():
         ref = model(pad_to_multiple(x, 64), pad_to_multiple(m, 64), 0.2, 0.7)["x_hat"]
-    ref = ref.clamp(0, 1)[..., :h, :w]
-    assert (decoded - ref).abs().max().item() < 1e-4
+    assert (decoded - ref.clamp(0, 1)[..., :h, :w]).abs().mean().item() < 1e-3
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_mask_changes_the_bitstream_but_uniform_quality_ignores_it(untrained, variant):
     model = untrained[variant]
     x, m = image_and_mask(64, 64, seed=2, n_objects=2)
-    if variant != "sft":  # sft's SFT blocks start as the identity, so its mask path is idle untrained
+    if variant not in ("sft", "swin"):  # their SFT blocks start as the identity: the mask path is idle untrained
         assert encode(model, x, m, 0.0, 1.0) != encode(model, x, None, 1.0, 1.0)
     assert encode(model, x, m, 1.0, 1.0) == encode(model, x, None, 1.0, 1.0)
 

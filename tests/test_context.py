@@ -17,7 +17,7 @@ from pipeline.codec.numerics import coded_state
 from pipeline.train.local import train_local
 from pipeline.train.loss import bits_per_pixel as estimated_bpp
 
-from conftest import TINY, VARIANTS, image_and_mask
+from conftest import TINY, VARIANTS, encoder_side, image_and_mask, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def models():
     torch.manual_seed(0)
     out = {}
     for variant in VARIANTS:
-        model = build_model(variant, **TINY, entropy="context").eval()
+        model = tiny_model(variant, entropy="context").eval()
         model.update(force=True)
         out[variant] = model
     return out
@@ -43,44 +43,36 @@ def test_groups_config_and_errors():
         build_model("tma", **TINY, groups=[8, 8], entropy="context")
 
 
-def _encoder_side(model, x, m, q: float, rate: float) -> dict:
-    """What the encoder quantised: its y_hat and coded state, and the image they synthesise."""
-    with torch.no_grad():
-        y = model._encode_latent(pad_to_multiple(x, 64), pad_to_multiple(m, 64), q, rate)
-        z = model.h_a(y)
-        z_hat = model.entropy_bottleneck.decompress(model.entropy_bottleneck.compress(z), z.shape[-2:])
-        state = model._context_code(z_hat, y=y)
-        state["x_hat"] = model.synthesis(model.gain.inverse(state["y_hat"], rate), z_hat).clamp(0, 1)
-        state["z_hat"] = z_hat
-    return state
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("size", [(45, 67), (128, 192)])
 def test_round_trip_is_the_encoders_reconstruction(models, variant, size):
     """Decoding gives exactly what the encoder's quantised latent synthesises (same table
-    indexes, same symbols), within the means' fixed point of the training forward, and the
-    file has the hyperprior's layout (one y string, one z string)."""
+    indexes, same symbols), whose latent the training forward's matches within the means'
+    fixed point, and the file has the hyperprior's layout (one y string, one z string)."""
     model = models[variant]
     h, w = size
     x, m = image_and_mask(h, w, seed=h + w)
     data = encode(model, x, m, 0.2, 0.7)
     assert [len(g) for g in unpack(data)[1]] == [1, 1]
     decoded = decode(model, data)
-    enc = _encoder_side(model, x, m, 0.2, 0.7)
+    enc = encoder_side(model, x, m, 0.2, 0.7)
     assert torch.equal(decoded, enc["x_hat"][..., :h, :w])
     indexes, symbols = coded_state(model, data)
     assert torch.equal(indexes, enc["indexes"]) and torch.equal(symbols, enc["symbols"])
-    with torch.no_grad():
-        forward = model(pad_to_multiple(x, 64), pad_to_multiple(m, 64), 0.2, 0.7)["x_hat"].clamp(0, 1)
-    assert (decoded - forward[..., :h, :w]).abs().max() < 2e-3  # means rounded to 1/256 on the integer path
+    with torch.no_grad():  # the training forward's latent (eval mode: rounded around the float means)
+        y = model._encode_latent(pad_to_multiple(x, 64), pad_to_multiple(m, 64), 0.2, 0.7)
+        diff = (model._latent_forward(y, enc["z_hat"])[0] - enc["y_hat"]).abs()
+    # the same symbols but for one at a rounding tie now and then (and, for the context model, the
+    # elements whose context it changes), around means within the integer path's 1/256
+    assert (diff > 0.5).float().mean() < 1e-2
+    assert diff[diff <= 0.5].mean() < 2 ** -8
 
 
 def test_the_round_trip_check_sees_a_wrong_symbol(models):
     """The harness can fail: one symbol changed in the encoder's state changes the image."""
     model = models["tma"]
     x, m = image_and_mask(64, 64, seed=5)
-    enc = _encoder_side(model, x, m, 1.0, 1.0)
+    enc = encoder_side(model, x, m, 1.0, 1.0)
     assert torch.equal(decode(model, encode(model, x, m, 1.0, 1.0)), enc["x_hat"])
     y_hat = enc["y_hat"].clone()
     y_hat[0, -1, 0, 0] += 1

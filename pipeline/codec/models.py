@@ -18,6 +18,8 @@ Variants:
 - ``tma``: the mask (with the user's non-ROI value) enters the encoder as a fourth
   input channel, and a latent mask attention block rescales y.
 - ``ggm``: ``sft`` with a generalized Gaussian entropy model (learned shape beta).
+- ``swin``: Swin transformer transforms (timm's blocks) with SFT blocks at every stage, the
+  decoder's condition from the decoded hyper-latent.
 
 Every variant codes y with one of two entropy models (``entropy=``): ``"hyperprior"``
 (mean-scale, parameters from the hyper-latent alone) or ``"context"`` (channel groups with a
@@ -49,6 +51,7 @@ from pipeline.codec.integer import (GaussianTableIndex, GeneralizedGaussianTable
                                     hyper_latent_samples)
 from pipeline.codec.layers import (SFT, GainUnits, LatentMaskAttention, MaskImageCondition,
                                    RateLike, pool_mask)
+from pipeline.codec.swin import Downsample, PatchSplit, SwinHyperAnalysis, SwinStage
 from pipeline.masks.ops import assign_nonroi_value
 
 MODELS: dict[str, type["ROICodec"]] = {}
@@ -101,6 +104,10 @@ class ROICodec(CompressionModel):
 
     variant: ClassVar[str] = "base"
     stride: ClassVar[int] = 64  # 16 (g_a) x 4 (h_a)
+    # what the small configuration of CPU runs (tests, the demo, smoke runs) adds to N, M, n_rates
+    SMALL: ClassVar[dict[str, Any]] = {}
+    # whether g_a/g_s are MeanScaleHyperprior's convolutions, so CompressAI's weights can warm-start them
+    warm_startable: ClassVar[bool] = True
 
     def __init__(self, N: int = 128, M: int = 192, n_rates: int = 4, entropy: str = "hyperprior",
                  groups: list[int] | None = None, context_hidden: int | None = None) -> None:
@@ -558,3 +565,75 @@ class GGMCodec(SFTCodec):
 
     def _update_latent_tables(self, force: bool) -> bool:
         return self.gg_conditional.update(force=force)
+
+
+@register_model("swin")
+class SwinCodec(ROICodec):
+    """The Swin-transformer ROI codec (Li, Liang, Fu, Han, ICASSP 2023).
+
+    Analysis: a 5x5 stride-2 convolution and GDN, then four Swin stages (1/2, 1/4, 1/8 and
+    the latent's 1/16, patch merging in between; ``window`` x ``window`` windows), each
+    followed by an SFT block conditioned on the mask concatenated with the image,
+    average-pooled to that scale. Synthesis mirrors it (patch splitting, inverse GDN, a 5x5
+    stride-2 transposed convolution), every stage's SFT condition computed from the decoded
+    hyper-latent, so no mask travels. The hyper-encoder is Swin too (``hyper_window``); the
+    hyper-decoder stays convolutional because it selects the coding tables and must have an
+    integer-exact twin (:mod:`pipeline.codec.integer`).
+
+    ``dims``: the widths of the 1/2, 1/4 and 1/8 stages (default N each; the latent stage
+    has M); ``depths``: Swin blocks per analysis stage, the synthesis takes them reversed.
+    The defaults are the paper's size; :data:`SMALL` is a configuration for CPU runs.
+    """
+
+    SMALL: ClassVar[dict[str, Any]] = {"depths": [1, 1, 2, 1]}
+    warm_startable: ClassVar[bool] = False
+
+    def __init__(self, N: int = 128, M: int = 320, n_rates: int = 4, dims: list[int] | None = None,
+                 depths: list[int] | tuple[int, ...] = (2, 2, 6, 2), window: int = 8,
+                 hyper_depths: list[int] | tuple[int, ...] = (1, 1), hyper_window: int = 4,
+                 cond_channels: int = 32, **entropy: Any) -> None:
+        super().__init__(N, M, n_rates, **entropy)
+        self.dims = list(dims) if dims is not None else [N, N, N]
+        self.depths, self.hyper_depths = list(depths), list(hyper_depths)
+        if len(self.dims) != 3 or len(self.depths) != 4 or len(self.hyper_depths) != 2:
+            raise ValueError("swin takes 3 stage widths (dims), 4 stage depths and 2 hyper depths")
+        if min(self.dims) < 1 or min(self.depths + self.hyper_depths) < 1 or min(window, hyper_window) < 1:
+            raise ValueError("swin's widths, depths and windows must be positive")
+        self.window, self.hyper_window, self.cond_channels = window, hyper_window, cond_channels
+        widths, c = [*self.dims, M], cond_channels
+        self.enc_embed = nn.Sequential(conv(3, widths[0], kernel_size=5), GDN(widths[0]))
+        self.enc_stages = nn.ModuleList([SwinStage(w, d, window) for w, d in zip(widths, self.depths)])
+        self.enc_merges = nn.ModuleList([Downsample(a, b) for a, b in zip(widths, widths[1:])])
+        self.enc_conds = nn.ModuleList([MaskImageCondition(c, 2 ** k) for k in (1, 2, 3, 4)])
+        self.enc_sfts = nn.ModuleList([SFT(w, c) for w in widths])
+        self.h_a = SwinHyperAnalysis(M, N, self.hyper_depths, hyper_window)
+        self.hyper_cond = nn.Sequential(deconv(N, c), nn.LeakyReLU(inplace=True),
+                                        deconv(c, c), nn.LeakyReLU(inplace=True))
+        back = widths[::-1]
+        self.dec_sfts = nn.ModuleList([SFT(w, c) for w in back])
+        self.dec_stages = nn.ModuleList([SwinStage(w, d, window) for w, d in zip(back, self.depths[::-1])])
+        self.dec_splits = nn.ModuleList([PatchSplit(a, b) for a, b in zip(back, back[1:])])
+        self.dec_out = nn.Sequential(GDN(widths[0], inverse=True), deconv(widths[0], 3, kernel_size=5))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {**super().config, "dims": self.dims, "depths": self.depths, "window": self.window,
+                "hyper_depths": self.hyper_depths, "hyper_window": self.hyper_window,
+                "cond_channels": self.cond_channels}
+
+    def analysis(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.enc_embed(x)
+        for i, (stage, cond, sft) in enumerate(zip(self.enc_stages, self.enc_conds, self.enc_sfts)):
+            if i:
+                h = self.enc_merges[i - 1](h)
+            h = sft(stage(h), cond(x, mask))
+        return h
+
+    def synthesis(self, y_hat: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+        cond = self.hyper_cond(z_hat)
+        h = y_hat
+        for i, (sft, stage) in enumerate(zip(self.dec_sfts, self.dec_stages)):
+            h = stage(sft(h, cond))
+            if i < len(self.dec_splits):
+                h = self.dec_splits[i](h)
+        return self.dec_out(h)

@@ -10,7 +10,9 @@ pretrained weights carry over. What each variant does with them
 - ``tma``: the mask input channel of the first convolution at zero, the latent mask
   attention at its prior (the identity at uniform quality);
 - ``ggm``: the hyper-decoder's scale outputs times sqrt(2) and its shape outputs at
-  beta = 2, the generalized Gaussian equal to the Gaussian the weights were trained with.
+  beta = 2, the generalized Gaussian equal to the Gaussian the weights were trained with;
+- ``swin``: refused (its Swin transforms have no counterpart in those weights); our own
+  ``swin`` checkpoints warm-start it.
 
 The gain units are the identity at the rate point whose lambda is nearest the one the
 weights were trained for and ``sqrt(lambda_i / lambda_k)`` at the others (high-rate
@@ -269,6 +271,10 @@ def warm_start(model: ROICodec, source: InitSource, rate_lambdas: Sequence[float
         report.fresh = _fresh_layers(report.fresh, list(own))
         return report
 
+    if not model.warm_startable:
+        raise InitError(f"CompressAI's mean-scale hyperprior has no weights for {model.variant}'s transforms; train "
+                        f"{model.variant} from random weights, or warm-start it from one of our {model.variant} "
+                        "checkpoints")
     renames = model.warm_start_names()
     buffers = dict(model.named_buffers())
     targets: dict[str, str] = {}

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
-from pipeline.codec.models import ENTROPY_MODELS
+from pipeline.codec.models import ENTROPY_MODELS, MODELS
 from pipeline.data.dataset import DatasetError, check_crop, plan_shards, training_datasets
 from pipeline.ray_session import ensure_ray
 from pipeline.train import tracking
@@ -410,7 +410,7 @@ def build_parser(variant: str | None = None, description: str | None = None) -> 
         epilog="Re-running with the same --run-name and --storage-path resumes from the latest checkpoint "
                "(step counter included) and logs into the same MLflow run.")
     if variant is None:
-        p.add_argument("--variant", default="tma", help="codec variant: tlic, sft, tma or ggm")
+        p.add_argument("--variant", default="tma", help="codec variant: tlic, sft, tma, ggm or swin")
     p.add_argument("--shards", help="folder (or file) of Parquet mask shards from jobs/preprocess_masks.py; "
                                     "optional with --smoke")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
@@ -501,6 +501,8 @@ def config_from_args(args: argparse.Namespace, variant: str | None = None) -> Tr
              "n_rates": pick(args.n_rates, base["n_rates"], base["n_rates"])}
     if args.entropy != "hyperprior":
         model["entropy"] = args.entropy
+    if smoke and variant in MODELS:
+        model.update(MODELS[variant].SMALL)
     if args.init:  # N and M not given: the --init weights' (train() reads them)
         if args.n_channels is None:
             del model["N"]
