@@ -15,7 +15,7 @@ from conftest import image_and_mask
 IMAGES = range(900, 908)
 
 
-# swin's 1000 training steps cost ~3.5 minutes on 2 cores: its checks run with `make test-extended`
+# swin's 1000 training steps take ~2 minutes on 2 cores: its checks run with `make test-extended`
 TRAINED = ["sft", pytest.param("swin", marks=pytest.mark.extended)]
 
 
