@@ -57,6 +57,20 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def add_budget_arguments(p: argparse.ArgumentParser) -> None:
+    """The options two-model comparisons on the demo's budget share: schedule, size, lambdas, processes."""
+    p.add_argument("--steps", type=int, default=4400, help="steps per model (the demo's 4400)")
+    p.add_argument("--finetune", type=int, default=800, help="of which on 128 px crops at the end (default 800)")
+    p.add_argument("--N", type=int, default=64)
+    p.add_argument("--M", type=int, default=96)
+    p.add_argument("--n-rates", type=int, default=3)
+    p.add_argument("--alpha-low", type=float, default=0.0035)
+    p.add_argument("--alpha-high", type=float, default=0.0483)
+    p.add_argument("--jobs", type=int, default=2, help="models trained in parallel, one thread each")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for the timing (default 2)")
+    p.add_argument("--mlflow-uri", help="log the JSON and the BD-rates to this MLflow store")
+
+
 def coding_times(paths: dict[str, str], repeats: int = 3) -> dict[str, dict[str, float]]:
     """Seconds to encode and decode every held-out photo (uniform quality, top rate), the best
     of ``repeats`` rounds, the models taking turns so both see the same machine load."""
@@ -81,17 +95,8 @@ def coding_times(paths: dict[str, str], repeats: int = 3) -> dict[str, dict[str,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="tma", help="codec variant (default tma, the demo's)")
-    p.add_argument("--steps", type=int, default=4400, help="steps per model (the demo's 4400)")
-    p.add_argument("--finetune", type=int, default=800, help="of which on 128 px crops at the end (default 800)")
-    p.add_argument("--N", type=int, default=64)
-    p.add_argument("--M", type=int, default=96)
-    p.add_argument("--n-rates", type=int, default=3)
+    add_budget_arguments(p)
     p.add_argument("--context-hidden", type=int, help="width of the context model's channel context (default N)")
-    p.add_argument("--alpha-low", type=float, default=0.0035)
-    p.add_argument("--alpha-high", type=float, default=0.0483)
-    p.add_argument("--jobs", type=int, default=2, help="models trained in parallel, one thread each")
-    p.add_argument("--threads", type=int, default=2, help="torch threads for the timing (default 2)")
-    p.add_argument("--mlflow-uri", help="log the JSON and the BD-rates to this MLflow store")
     args = p.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="context-bench-"))

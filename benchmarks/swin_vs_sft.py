@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from context_vs_hyperprior import coding_times  # noqa: E402
+from context_vs_hyperprior import add_budget_arguments, coding_times  # noqa: E402
 from training_parity import ROI_QUALITY, Crops, load_split, our_curves, schedule, train_ours  # noqa: E402
 
 from pipeline.codec.checkpoint import save_checkpoint  # noqa: E402
@@ -67,17 +67,8 @@ def compare(sft: dict[str, list], swin: dict[str, list]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=4400, help="steps per model (the demo's 4400)")
-    p.add_argument("--finetune", type=int, default=800, help="of which on 128 px crops at the end (default 800)")
-    p.add_argument("--N", type=int, default=64)
-    p.add_argument("--M", type=int, default=96)
-    p.add_argument("--n-rates", type=int, default=3)
+    add_budget_arguments(p)
     p.add_argument("--swin-depths", default="1,1,2,1", help="Swin blocks per analysis stage (default 1,1,2,1)")
-    p.add_argument("--alpha-low", type=float, default=0.0035)
-    p.add_argument("--alpha-high", type=float, default=0.0483)
-    p.add_argument("--jobs", type=int, default=2, help="models trained in parallel, one thread each")
-    p.add_argument("--threads", type=int, default=2, help="torch threads for the timing (default 2)")
-    p.add_argument("--mlflow-uri", help="log the JSON and the BD-rates to this MLflow store")
     args = p.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="swin-bench-"))

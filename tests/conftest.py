@@ -8,8 +8,10 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.codec.models import MODELS, ROICodec, build_model, pad_to_multiple
 from pipeline.data.samples import objects_mask, photo_like_image
@@ -52,6 +54,21 @@ def image_and_mask(height: int, width: int, seed: int, n_objects: int | None = N
     x = torch.from_numpy(arr).permute(2, 0, 1).float()[None] / 255.0
     m = torch.from_numpy(objects_mask(objects, height, width))[None, None]
     return x, m
+
+
+def command_line_round_trip(checkpoint: Path, folder: Path) -> Path:
+    """``roicodec compress`` (saliency ROI, roi-quality 0.3) and ``decompress`` of a 70x90 photo-like
+    image with ``checkpoint``; checks the exit codes and the decoded size; returns the ``.roic`` file."""
+    from pipeline.cli import main
+
+    x, _ = image_and_mask(70, 90, seed=3)
+    Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / "in.png")
+    assert main(["compress", str(folder / "in.png"), "--checkpoint", str(checkpoint), "--saliency",
+                 "--roi-quality", "0.3", "-o", str(folder / "f.roic")]) == 0
+    assert main(["decompress", str(folder / "f.roic"), "--checkpoint", str(checkpoint),
+                 "-o", str(folder / "out.png")]) == 0
+    assert Image.open(folder / "out.png").size == (90, 70)
+    return folder / "f.roic"
 
 
 def encoder_side(model: ROICodec, x: torch.Tensor, m: torch.Tensor | None, q: float, rate: float) -> dict:

@@ -3,10 +3,8 @@ trips, honest file sizes, checkpoints, the command line and the training flag.""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipeline.codec.bitstream import unpack
 from pipeline.codec.checkpoint import fingerprint, load_checkpoint, save_checkpoint
@@ -17,7 +15,7 @@ from pipeline.codec.numerics import coded_state
 from pipeline.train.local import train_local
 from pipeline.train.loss import bits_per_pixel as estimated_bpp
 
-from conftest import TINY, VARIANTS, encoder_side, image_and_mask, tiny_model
+from conftest import TINY, VARIANTS, command_line_round_trip, encoder_side, image_and_mask, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -82,21 +80,12 @@ def test_the_round_trip_check_sees_a_wrong_symbol(models):
 
 
 def test_checkpoint_and_command_line(models, tmp_path):
-    from pipeline.cli import main
-
     model = models["sft"]
     path = save_checkpoint(model, tmp_path / "sft-context.pt")
     loaded = load_checkpoint(path)
     assert loaded.entropy == "context" and fingerprint(loaded) == fingerprint(model)
-    x, m = image_and_mask(70, 90, seed=3)
-    Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp_path / "in.png")
-    assert main(["compress", str(tmp_path / "in.png"), "--checkpoint", str(path), "--saliency",
-                 "--roi-quality", "0.3", "-o", str(tmp_path / "f.roic")]) == 0
-    assert main(["decompress", str(tmp_path / "f.roic"), "--checkpoint", str(path),
-                 "-o", str(tmp_path / "out.png")]) == 0
-    assert Image.open(tmp_path / "out.png").size == (90, 70)
-    assert torch.equal(decode(loaded, (tmp_path / "f.roic").read_bytes()),
-                       decode(model, (tmp_path / "f.roic").read_bytes()))
+    data = command_line_round_trip(path, tmp_path).read_bytes()
+    assert torch.equal(decode(loaded, data), decode(model, data))
 
 
 def test_file_size_is_honest_after_brief_training():

@@ -8,11 +8,9 @@ portable files under numeric perturbations, the context model) run on ``swin`` t
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from compressai.models import MeanScaleHyperprior
-from PIL import Image
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
@@ -21,7 +19,7 @@ from pipeline.codec.models import build_model
 from pipeline.codec.swin import SwinStage
 from pipeline.codec.warm_start import InitError, load_init_source, warm_start
 
-from conftest import image_and_mask, tiny_model
+from conftest import command_line_round_trip, tiny_model
 
 PAPER_PARAMETERS = 15.8e6  # Li, Liang, Fu, Han (ICASSP 2023)
 
@@ -71,19 +69,11 @@ def test_compressai_weights_are_refused_but_our_swin_checkpoints_warm_start(tmp_
 
 
 def test_command_line_and_training_job_take_swin(tmp_path):
-    from pipeline.cli import main
     from pipeline.train.trainer import build_parser, config_from_args
 
     model = tiny_model("swin", entropy="context").eval()
     model.update(force=True)
-    path = save_checkpoint(model, tmp_path / "swin.pt")
-    x, _ = image_and_mask(70, 90, seed=3)
-    Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp_path / "in.png")
-    assert main(["compress", str(tmp_path / "in.png"), "--checkpoint", str(path), "--saliency",
-                 "--roi-quality", "0.3", "-o", str(tmp_path / "f.roic")]) == 0
-    assert main(["decompress", str(tmp_path / "f.roic"), "--checkpoint", str(path),
-                 "-o", str(tmp_path / "out.png")]) == 0
-    assert Image.open(tmp_path / "out.png").size == (90, 70)
+    command_line_round_trip(save_checkpoint(model, tmp_path / "swin.pt"), tmp_path)
     args = build_parser().parse_args(["--smoke", "--variant", "swin", "--shards", str(tmp_path)])
     cfg = config_from_args(args)  # a smoke run builds the small configuration
     assert cfg.variant == "swin" and cfg.model["depths"] == [1, 1, 2, 1]

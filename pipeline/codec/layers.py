@@ -1,4 +1,4 @@
-"""ROI conditioning layers: gain units, SFT blocks, latent mask attention, mask pooling.
+"""ROI conditioning layers: gain units, SFT blocks and their conditions, latent mask attention, mask pooling.
 
 Built on CompressAI's ``conv``/``deconv`` helpers; each layer is small and cheap next
 to the analysis/synthesis transforms it conditions (see ``benchmarks/codec_speed.py``).
@@ -10,7 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from compressai.models.utils import conv
+from compressai.models.utils import conv, deconv
 from torch import nn
 
 RateLike = float | torch.Tensor
@@ -110,6 +110,12 @@ class MaskImageCondition(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         k = self.downscale
         return self.net(torch.cat([F.avg_pool2d(x, k), F.avg_pool2d(mask, k)], dim=1))
+
+
+def hyper_condition(N: int, channels: int) -> nn.Sequential:
+    """Decoder-side SFT condition: the decoded hyper-latent z_hat (N channels) upsampled to y's grid."""
+    return nn.Sequential(deconv(N, channels), nn.LeakyReLU(inplace=True),
+                         deconv(channels, channels), nn.LeakyReLU(inplace=True))
 
 
 class LatentMaskAttention(nn.Module):

@@ -50,7 +50,7 @@ from pipeline.codec.entropy import (CompactGaussianConditional, GeneralizedGauss
 from pipeline.codec.integer import (GaussianTableIndex, GeneralizedGaussianTableIndex, IntegerHyperSynthesis,
                                     hyper_latent_samples)
 from pipeline.codec.layers import (SFT, GainUnits, LatentMaskAttention, MaskImageCondition,
-                                   RateLike, pool_mask)
+                                   RateLike, hyper_condition, pool_mask)
 from pipeline.codec.swin import Downsample, PatchSplit, SwinHyperAnalysis, SwinStage
 from pipeline.masks.ops import assign_nonroi_value
 
@@ -398,8 +398,7 @@ class SFTCodec(ROICodec):
         self.enc_gdns = nn.ModuleList([GDN(N) for _ in range(3)])
         self.enc_conds = nn.ModuleList([MaskImageCondition(c, 2 ** k) for k in (2, 3, 4)])
         self.enc_sfts = nn.ModuleList([SFT(N, c), SFT(N, c), SFT(M, c)])
-        self.hyper_cond = nn.Sequential(deconv(N, c), nn.LeakyReLU(inplace=True),
-                                        deconv(c, c), nn.LeakyReLU(inplace=True))
+        self.hyper_cond = hyper_condition(N, c)
         self.dec_convs = nn.ModuleList([deconv(M, N), deconv(N, N), deconv(N, N), deconv(N, 3)])
         self.dec_gdns = nn.ModuleList([GDN(N, inverse=True) for _ in range(3)])
         self.dec_sfts = nn.ModuleList([SFT(M, c), SFT(N, c), SFT(N, c)])
@@ -607,8 +606,7 @@ class SwinCodec(ROICodec):
         self.enc_conds = nn.ModuleList([MaskImageCondition(c, 2 ** k) for k in (1, 2, 3, 4)])
         self.enc_sfts = nn.ModuleList([SFT(w, c) for w in widths])
         self.h_a = SwinHyperAnalysis(M, N, self.hyper_depths, hyper_window)
-        self.hyper_cond = nn.Sequential(deconv(N, c), nn.LeakyReLU(inplace=True),
-                                        deconv(c, c), nn.LeakyReLU(inplace=True))
+        self.hyper_cond = hyper_condition(N, c)
         back = widths[::-1]
         self.dec_sfts = nn.ModuleList([SFT(w, c) for w in back])
         self.dec_stages = nn.ModuleList([SwinStage(w, d, window) for w, d in zip(back, self.depths[::-1])])
