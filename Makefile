@@ -20,10 +20,12 @@ $(CHROMIUM):
 	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
 	else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi
 
+# --no-cache-dir: torch's CUDA wheels are several GB; keeping a cached copy next to the
+# installed one doubles the disk a fresh install needs (one CI run ran out of space).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -e ".[test]"
+	$(BIN)/python -m pip install --no-cache-dir -e ".[test]"
 	$(BIN)/python -c "import torch, torchvision, compressai, open_clip, ray, mlflow; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $(STAMP)
 

@@ -13,6 +13,11 @@ registered model version of the best run at it::
     python jobs/evaluate.py --select-champion --experiment roicodec --mlflow-uri sqlite:///runs/mlflow.db \\
         --images imgs/ --masks masks/ --json champ.json
 
+Ranked by a task metric (COCO detection AP over bpp, see ``roicodec evaluate --help``)::
+
+    python jobs/evaluate.py --select-champion --checkpoints runs/ --images val2017/ \\
+        --task-annotations instances_val2017.json --criterion bd_rate_map_vs_jpeg --json champ.json
+
 On a cluster: ``ray job submit --working-dir . -- python jobs/evaluate.py ...``.
 Exit code 0 on success; on bad input one line on stderr and exit code 1.
 """
@@ -41,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--experiment", metavar="NAME", help="MLflow experiment whose runs are the candidates")
     g.add_argument("--criterion", default="bd_rate_roi_vs_jpeg",
                    help="bd_rate_<roi|psnr>_vs_<jpeg|webp|jpeg2000|uniform> (lower is better) or "
-                        "bd_psnr_... (higher is better); default %(default)s")
+                        "bd_psnr_... (higher is better); with --task-annotations also bd_rate_map_vs_..., "
+                        "bd_rate_segm_map_vs_... and bd_ap_map_vs_... (AP points, higher is better); "
+                        "default %(default)s")
     g.add_argument("--registered-model", default=None,
                    help="only versions of this registered model (default: any version made from the run)")
     g.add_argument("--no-alias", action="store_true", help="rank only; do not move the alias")
@@ -58,12 +65,22 @@ def run_champion(args: argparse.Namespace) -> int:
     if candidates is None:
         raise EvaluationError("--select-champion needs --checkpoints DIR or --experiment NAME")
     out_json = Path(args.json)
+    task = {}
+    if args.task_annotations is not None:  # rank by task metrics, e.g. --criterion bd_rate_map_vs_jpeg
+        from functools import partial
+
+        from pipeline.eval.cli import task_keywords
+        from pipeline.eval.task import task_sweep, write_task_outputs
+
+        keywords = task_keywords(args)
+        keywords["detector"].check()  # missing weights: one line now, not a failure per candidate
+        task = {"sweep": partial(task_sweep, **keywords), "write_outputs": write_task_outputs}
     result = select_champion(
         candidates, args.images, args.masks, criterion=args.criterion, tracking_uri=args.mlflow_uri,
         registered_model=args.registered_model, set_alias=not args.no_alias,
         out_dir=Path(args.plots) if args.plots else out_json.with_name(out_json.stem + "_rd"),
         progress=not args.no_progress, roi_quality=args.roi_quality, rates=sweep_rates(args.sweep_rates),
-        roi_qualities=args.sweep_roi_qualities, baselines=args.baselines)
+        roi_qualities=args.sweep_roi_qualities, baselines=args.baselines, **task)
     to_json(result, out_json)
     for row in result["ranking"]:
         value = "nan" if row["value"] is None else f"{row['value']:+.2f}"

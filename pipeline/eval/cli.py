@@ -29,13 +29,23 @@ listed under "errors" in the JSON and skipped.
 
 With --sweep: RD curves over --sweep-rates rates for each --sweep-roi-quality
 (and the baselines over their own quality range), BD-rate and BD-PSNR on ROI
-PSNR and PSNR against every baseline, PNG plots and CSV tables."""
+PSNR and PSNR against every baseline, PNG plots and CSV tables.
+
+With --task-annotations ANN.json (a COCO-format set: --images holds its images):
+task metrics. Every image is coded at each of --sweep-rates (the baselines at the
+bpp nearest to the learned file's), a torchvision detector runs on the decoded
+images and on the originals (the ceiling), and pycocotools' COCOeval scores each
+point (bbox AP, and segm AP with Mask R-CNN): AP-vs-bpp plots next to ROI PSNR
+and PSNR, BD-rate on mAP, COCO results files. Runs as Ray Data batch inference
+(codec actors, then detector actors; GPUs when the cluster has them)."""
 
 EVALUATE_EPILOG = """\
 examples:
   roicodec evaluate --checkpoint ckpt.pt --images imgs/ --masks masks/ --json eval.json
   roicodec evaluate --checkpoint ckpt.pt --images imgs/ --masks masks/ --json rd.json \\
       --sweep --plots rd_plots/
+  roicodec evaluate --checkpoint ckpt.pt --images val2017/ --json task.json \\
+      --task-annotations annotations/instances_val2017.json --detector maskrcnn_resnet50_fpn
 
 MLflow: when the checkpoint belongs to a run (its metadata has mlflow_run_id, or a
 Ray Train run_name found in the store), the metrics and files are logged to that
@@ -81,10 +91,99 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser, checkpoint_required:
                              "(default: <OUT>_rd/ next to the JSON)")
     parser.add_argument("--baselines", nargs="+", choices=BASELINES, default=list(BASELINES),
                         help="classic codecs to compare with (default: all)")
+    add_task_arguments(parser)
     parser.add_argument("--mlflow-uri", default=None, metavar="URI",
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """The task-metric options (COCO detection / segmentation on decoded images)."""
+    from pipeline.eval.detectors import DEFAULT_DETECTOR, DEFAULT_WEIGHTS, DETECTOR_ARCHS
+
+    g = parser.add_argument_group("task metrics on a COCO-format set (detection / instance segmentation AP)")
+    g.add_argument("--task-annotations", metavar="ANN.json", default=None,
+                   help="COCO annotation file of the --images set: evaluate detector AP over bpp")
+    g.add_argument("--detector", choices=DETECTOR_ARCHS, default=DEFAULT_DETECTOR,
+                   help="torchvision detection model (maskrcnn_* also give segm AP; default %(default)s)")
+    g.add_argument("--detector-weights", default=DEFAULT_WEIGHTS, metavar="W",
+                   help="a weights file, a torchvision weight name read from the local torch cache "
+                        "(DEFAULT, COCO_V1; never downloaded), or 'random' (smoke runs only); default %(default)s")
+    g.add_argument("--detector-min-size", type=_positive, default=800, metavar="PX",
+                   help="the detector's input resize, shorter side (default %(default)s)")
+    g.add_argument("--detector-max-size", type=_positive, default=1333, metavar="PX",
+                   help="the detector's input resize, longer side at most (default %(default)s)")
+    g.add_argument("--detector-score-threshold", type=unit_interval, default=0.05, metavar="S",
+                   help="drop detections scored below S (default %(default)s)")
+    g.add_argument("--roi-from", choices=("annotations", "saliency"), default="annotations",
+                   help="the codec's ROI masks when --masks is not given: the annotated objects or "
+                        "saliency (default %(default)s)")
+    g.add_argument("--roi-prompt", nargs="+", default=None, metavar="TEXT",
+                   help="the codec's ROI masks from CLIP text prompts instead (CLIP weights cached locally)")
+    g.add_argument("--task-limit", type=_positive, default=None, metavar="N", help="only the first N images")
+    g.add_argument("--codec-actors", type=_positive, default=1, metavar="N",
+                   help="Ray actors coding images (default %(default)s)")
+    g.add_argument("--detector-actors", type=_positive, default=1, metavar="N",
+                   help="Ray actors running the detector, one GPU each when the cluster has GPUs "
+                        "(default %(default)s)")
+    g.add_argument("--codec-gpus", type=unit_interval, default=0.0, metavar="G",
+                   help="GPU share of each codec actor, e.g. 0.5 (default %(default)s: CPU)")
+
+
+def detector_spec(args: argparse.Namespace):
+    """The detector factory the task options describe."""
+    from pipeline.eval.detectors import TorchvisionDetectorSpec
+
+    return TorchvisionDetectorSpec(args.detector, args.detector_weights, args.detector_min_size,
+                                   args.detector_max_size, args.detector_score_threshold)
+
+
+def task_keywords(args: argparse.Namespace) -> dict:
+    """:func:`pipeline.eval.task.task_sweep`'s keywords from the task options."""
+    if args.roi_prompt:
+        mask_options = {"prompts": args.roi_prompt}
+    elif args.roi_from == "saliency":
+        mask_options = {"saliency": True}
+    else:
+        mask_options = None  # the annotated objects
+    return {"annotations": args.task_annotations, "detector": detector_spec(args), "mask_options": mask_options,
+            "limit": args.task_limit, "codec_actors": args.codec_actors, "detector_actors": args.detector_actors,
+            "codec_gpus": args.codec_gpus}
+
+
+def run_task_command(args: argparse.Namespace) -> dict:
+    """``roicodec evaluate --task-annotations``: the task sweep, its files, MLflow; prints a summary."""
+    from pipeline.eval.rd import log_to_mlflow
+    from pipeline.eval.task import task_summary_lines, task_sweep, write_task_outputs
+
+    out_json = Path(args.json)
+    plots_dir = Path(args.plots) if args.plots else out_json.with_name(out_json.stem + "_task")
+    result = task_sweep(args.checkpoint, args.images, args.masks, roi_quality=args.roi_quality,
+                        rates=sweep_rates(args.sweep_rates), roi_qualities=args.sweep_roi_qualities,
+                        baselines=args.baselines, results_dir=plots_dir / "results",
+                        progress=not args.no_progress, **task_keywords(args))
+    files = write_task_outputs(result, plots_dir, json_path=out_json)
+    if not args.no_mlflow:
+        info = log_to_mlflow(result, [files["json"], files["points_csv"], files["bd_csv"], *files["plots"]],
+                             args.mlflow_uri)
+        if info.get("run_id"):
+            result["mlflow"] = info
+            write_task_outputs(result, plots_dir, json_path=out_json)
+    for line in task_summary_lines(result):
+        print(line)
+    print(f"{out_json}; plots, CSV and COCO results files in {plots_dir}")
+    return result
 
 
 def sweep_rates(k: int) -> list[float]:
@@ -99,11 +198,16 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
 
     if getattr(args, "checkpoint", None) is None:
         raise EvaluationError("--checkpoint is required")
-    if args.plots is not None and not args.sweep:
-        raise EvaluationError("--plots needs --sweep (plots are RD curves)")
+    if args.plots is not None and not (args.sweep or args.task_annotations):
+        raise EvaluationError("--plots needs --sweep or --task-annotations (plots are RD curves)")
     progress = not args.no_progress
     out_json = Path(args.json)
-    if args.sweep:
+    if args.task_annotations is not None:
+        if args.sweep:
+            raise EvaluationError("choose --sweep (pixel metrics) or --task-annotations (task metrics, which "
+                                  "include ROI PSNR and PSNR)")
+        result = run_task_command(args)
+    elif args.sweep:
         result = rd_sweep(args.checkpoint, args.images, args.masks, roi_quality=args.roi_quality,
                           rates=sweep_rates(args.sweep_rates), roi_qualities=args.sweep_roi_qualities,
                           baselines=args.baselines, progress=progress)

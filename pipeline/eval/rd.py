@@ -41,7 +41,7 @@ files as artifacts under ``evaluation/``.
 **Champion** (:func:`select_champion`): sweep every candidate checkpoint (a list, a
 folder of ``*.pt`` / ``model.pt`` files, or an MLflow experiment whose runs have a
 ``checkpoint/model.pt`` artifact) on the same images, rank by the criterion (lower is
-better for ``bd_rate_*``, higher for ``bd_psnr_*``; ``nan`` ranks last) and point the
+better for ``bd_rate_*``, higher for ``bd_psnr_*`` and ``bd_ap_*``; ``nan`` ranks last) and point the
 ``champion`` alias of the registered model version created from the best one's run at
 that version.
 """
@@ -55,7 +55,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -70,12 +70,13 @@ from pipeline.eval.evaluate import (DEFAULT_ROI_QUALITY, LEARNED, METRICS, UNIFO
 log = logging.getLogger(__name__)
 
 DEFAULT_RATES = (0.0, 0.25, 0.5, 0.75, 1.0)
+AP_SUFFIXES = ("_AP", "_AP50", "_AP75", "_AP_small", "_AP_medium", "_AP_large")
 DISTORTIONS = {"roi": "roi_psnr", "psnr": "psnr"}
 DEFAULT_CRITERION = "bd_rate_roi_vs_jpeg"
 CHAMPION = "champion"
 PLOT_METRICS = ("roi_psnr", "psnr", "nonroi_psnr", "ms_ssim")
 _LABELS = {"roi_psnr": "ROI PSNR (dB)", "psnr": "PSNR (dB)", "nonroi_psnr": "non-ROI PSNR (dB)",
-           "ms_ssim": "MS-SSIM"}
+           "ms_ssim": "MS-SSIM", "bbox_AP": "detection AP (COCO, bbox)", "segm_AP": "instance segmentation AP (segm)"}
 
 
 # -- Bjøntegaard ------------------------------------------------------------------------------
@@ -135,7 +136,8 @@ def curve_bd(anchor: list[dict[str, float]], test: list[dict[str, float]]) -> di
 
 # -- the sweep --------------------------------------------------------------------------------
 
-def _curve_name(q: float, main: float) -> str:
+def curve_name(q: float, main: float) -> str:
+    """The name of the learned curve at roi-quality ``q`` when ``main`` is the main one."""
     if math.isclose(q, main):
         return LEARNED
     if math.isclose(q, 1.0):
@@ -198,7 +200,7 @@ def rd_sweep(checkpoint: str | Path | ROICodec, images_dir: str | Path, masks_di
                 rows.append(learned_point(model, x, mask, q, r))
                 bar.update()
             points.append(_mean_point(rows, r))
-        curves[_curve_name(q, roi_quality)] = {"kind": "learned", "roi_quality": float(q), "points": points}
+        curves[curve_name(q, roi_quality)] = {"kind": "learned", "roi_quality": float(q), "points": points}
     for name in run:
         points = []
         for s in settings[name]:
@@ -233,8 +235,13 @@ def rd_sweep(checkpoint: str | Path | ROICodec, images_dir: str | Path, masks_di
 
 # -- outputs ----------------------------------------------------------------------------------
 
-def plot_rd(result: dict[str, Any], metric: str, path: str | Path) -> Path:
-    """One RD plot (``metric`` against bpp) of every curve of a sweep result, as PNG."""
+def plot_rd(result: dict[str, Any], metric: str, path: str | Path, bd_key: str | None = None,
+            reference: float | None = None) -> Path:
+    """One RD plot (``metric`` against bpp) of every curve of a sweep result, as PNG.
+
+    ``bd_key``: whose BD-rates go in the title (``roi``, ``psnr``, ``map``...; default from
+    the metric); ``reference``: a horizontal line for the uncompressed original's value.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -249,14 +256,16 @@ def plot_rd(result: dict[str, Any], metric: str, path: str | Path) -> Path:
         label = name if not learned else f"{name} (Q={c['roi_quality']:.2f})"
         ax.plot([p["bpp"] for p in pts], [p[metric] for p in pts], "-o" if learned else "--s",
                 label=label, linewidth=2 if name == LEARNED else 1.2, markersize=4)
+    if reference is not None and math.isfinite(reference):
+        ax.axhline(reference, color="black", linestyle=":", linewidth=1, label="original")
     ax.set_xlabel("bits per pixel (real file size)")
     ax.set_ylabel(_LABELS.get(metric, metric))
     bd = result.get("bd", {})
-    key = "roi" if metric == "roi_psnr" else "psnr"
+    key = bd_key or ("roi" if metric == "roi_psnr" else "psnr")
     note = ", ".join(f"{a}: {bd[f'bd_rate_{key}_vs_{a}']:+.1f}%" for a in ("jpeg", "webp", "jpeg2000", "uniform")
                      if math.isfinite(bd.get(f"bd_rate_{key}_vs_{a}", float("nan"))))
     title = f"{result.get('variant', '')} on {result['n_images']} images"
-    if note and metric in ("roi_psnr", "psnr"):
+    if note and (bd_key or metric in ("roi_psnr", "psnr")):
         title += f"\nBD-rate ({key}) vs {note}"
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
@@ -353,11 +362,17 @@ def checkpoint_run_id(checkpoint: str | Path, tracking_uri: str | None = None) -
 def evaluation_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The MLflow metrics of an evaluation or sweep result (finite values only)."""
     out: dict[str, float] = {}
-    if "bd" in result:  # a sweep
+    if "bd" in result:  # a sweep, or a task evaluation (points keyed by rate, with AP scores)
+        task = result.get("kind") == "task"
+        prefix = "eval/task" if task else "eval/rd"
         out.update({f"eval/{k}": v for k, v in result["bd"].items()})
         for name, c in result["curves"].items():
             for p in c["points"]:
-                out.update({f"eval/rd/{name}/{k}@{p['setting']:g}": p[k] for k in METRICS})
+                keys = [k for k, v in p.items() if isinstance(v, float) and k not in ("setting", "rate")]
+                out.update({f"{prefix}/{name}/{k}@{p['rate' if task else 'setting']:g}": p[k] for k in keys})
+        if task:
+            out.update({f"eval/task/original/{k}": v for k, v in result["original"].items()
+                        if isinstance(v, float) and k.endswith(AP_SUFFIXES)})
     if "mean" in result:
         mean = result["mean"]
         for c in result.get("codecs", [LEARNED]):
@@ -404,7 +419,7 @@ def log_to_mlflow(result: dict[str, Any], files: Iterable[str | Path], tracking_
 # -- champion ---------------------------------------------------------------------------------
 
 def _higher_is_better(criterion: str) -> bool:
-    return criterion.startswith("bd_psnr")
+    return criterion.startswith(("bd_psnr", "bd_ap"))
 
 
 def _candidates(candidates: Any, tracking_uri: str, tmp: Path) -> list[tuple[Path, str | None]]:
@@ -453,12 +468,17 @@ def select_champion(candidates: str | Path | Iterable[str | Path], images_dir: s
                     masks_dir: str | Path | None = None, criterion: str = DEFAULT_CRITERION,
                     tracking_uri: str | None = None, registered_model: str | None = None,
                     set_alias: bool = True, out_dir: str | Path | None = None, progress: bool = True,
-                    log: bool = True, **sweep_kwargs: Any) -> dict[str, Any]:
+                    log: bool = True, sweep: Callable[..., dict[str, Any]] | None = None,
+                    write_outputs: Callable[..., dict[str, Any]] | None = None, **sweep_kwargs: Any
+                    ) -> dict[str, Any]:
     """Sweep every candidate, rank them by ``criterion`` and set the ``champion`` alias.
 
     ``candidates``: checkpoint paths, a folder of checkpoints, or an MLflow experiment name.
     ``out_dir``: where each candidate's sweep outputs go (``<out_dir>/<i>_<folder>_<stem>/``).
     ``log``: log each candidate's sweep (metrics, plots, tables) to its MLflow run, if any.
+    ``sweep`` / ``write_outputs``: the evaluation and its writer (default :func:`rd_sweep` and
+    :func:`write_rd_outputs`; the task metrics: :func:`pipeline.eval.task.task_sweep` with
+    its keywords bound, and :func:`pipeline.eval.task.write_task_outputs`).
     Checkpoints downloaded from an experiment's runs live in a temporary folder that is
     gone when this returns (the ranking names them by run id).
     Returns {"criterion", "higher_is_better", "best": {...}, "ranking": [...], "alias": ... or None}.
@@ -472,13 +492,13 @@ def select_champion(candidates: str | Path | Iterable[str | Path], images_dir: s
             row: dict[str, Any] = {"checkpoint": str(path), "run_id": run_id or checkpoint_run_id(path, uri),
                                    "value": float("nan")}
             try:
-                res = rd_sweep(path, images_dir, masks_dir, progress=progress, **sweep_kwargs)
+                res = (sweep or rd_sweep)(path, images_dir, masks_dir, progress=progress, **sweep_kwargs)
                 if criterion not in res["bd"]:
                     raise EvaluationError(f"unknown criterion {criterion!r} (have: {', '.join(sorted(res['bd']))})")
                 row["value"] = res["bd"][criterion]
                 row["variant"] = res["variant"]
                 base = Path(out_dir) if out_dir is not None else Path(tmp) / "outputs"
-                files = write_rd_outputs(res, base / f"{i:02d}_{path.parent.name}_{path.stem}")
+                files = (write_outputs or write_rd_outputs)(res, base / f"{i:02d}_{path.parent.name}_{path.stem}")
                 if out_dir is not None:
                     row["files"] = files
                 if log and row["run_id"]:
