@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.argtypes import unit_interval
+from pipeline.argtypes import positive_int, unit_interval
 
 EVALUATE_HELP = "evaluate a checkpoint: bpp, ROI/non-ROI PSNR, MS-SSIM vs JPEG/WebP/JPEG 2000"
 
@@ -98,16 +98,6 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser, checkpoint_required:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
-    return value
-
-
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     """The task-metric options (COCO detection / segmentation on decoded images)."""
     from pipeline.eval.detectors import DEFAULT_DETECTOR, DEFAULT_WEIGHTS, DETECTOR_ARCHS
@@ -120,9 +110,9 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--detector-weights", default=DEFAULT_WEIGHTS, metavar="W",
                    help="a weights file, a torchvision weight name read from the local torch cache "
                         "(DEFAULT, COCO_V1; never downloaded), or 'random' (smoke runs only); default %(default)s")
-    g.add_argument("--detector-min-size", type=_positive, default=800, metavar="PX",
+    g.add_argument("--detector-min-size", type=positive_int, default=800, metavar="PX",
                    help="the detector's input resize, shorter side (default %(default)s)")
-    g.add_argument("--detector-max-size", type=_positive, default=1333, metavar="PX",
+    g.add_argument("--detector-max-size", type=positive_int, default=1333, metavar="PX",
                    help="the detector's input resize, longer side at most (default %(default)s)")
     g.add_argument("--detector-score-threshold", type=unit_interval, default=0.05, metavar="S",
                    help="drop detections scored below S (default %(default)s)")
@@ -131,10 +121,10 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
                         "saliency (default %(default)s)")
     g.add_argument("--roi-prompt", nargs="+", default=None, metavar="TEXT",
                    help="the codec's ROI masks from CLIP text prompts instead (CLIP weights cached locally)")
-    g.add_argument("--task-limit", type=_positive, default=None, metavar="N", help="only the first N images")
-    g.add_argument("--codec-actors", type=_positive, default=1, metavar="N",
+    g.add_argument("--task-limit", type=positive_int, default=None, metavar="N", help="only the first N images")
+    g.add_argument("--codec-actors", type=positive_int, default=1, metavar="N",
                    help="Ray actors coding images (default %(default)s)")
-    g.add_argument("--detector-actors", type=_positive, default=1, metavar="N",
+    g.add_argument("--detector-actors", type=positive_int, default=1, metavar="N",
                    help="Ray actors running the detector, one GPU each when the cluster has GPUs "
                         "(default %(default)s)")
     g.add_argument("--codec-gpus", type=unit_interval, default=0.0, metavar="G",

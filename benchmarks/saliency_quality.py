@@ -1,0 +1,129 @@
+"""How well each weight-free saliency model finds the hand-marked objects in the real photos.
+
+Prints one JSON object. For every registered saliency model and every photo that
+:data:`pipeline.data.photos.OBJECTS` has boxes for (all of them), the saliency map of the
+photo (``photo(name, max_side=512)``) is scored against the binary ROI mask (union of that
+photo's boxes, drawn through the same COCO annotations :func:`write_photo_set` writes, so
+the boxes are scaled exactly as everywhere else):
+
+- ``auc``: ROC AUC over pixels (threshold-free; 0.5 = chance, below 0.5 = inverted);
+- ``f_measure``: F-beta with beta^2 = 0.3 at the adaptive threshold 2 x mean saliency
+  (Achanta et al. 2009; the salient-object literature's usual single-threshold score);
+- ``s_per_mpix``: seconds per megapixel (best of ``--repeats`` calls on the photo).
+
+Per model: the per-photo numbers, their means, and the median time per megapixel.
+``centre_prior`` ignores the image: it is the baseline a model must beat.
+
+    python benchmarks/saliency_quality.py [--max-side 512 --repeats 3 --models mbd,centre_prior]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.data.photos import OBJECTS, photo, write_photo_set  # noqa: E402
+from pipeline.masks import get_saliency_model, load_coco, saliency_models  # noqa: E402
+
+BETA2 = 0.3
+
+
+def roc_auc(saliency: np.ndarray, truth: np.ndarray) -> float:
+    """ROC AUC of ``saliency`` as a score for the binary ``truth`` (ties count half)."""
+    from scipy.stats import rankdata
+
+    scores, labels = np.ravel(saliency).astype(np.float64), np.ravel(truth).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUC needs both ROI and non-ROI pixels")
+    ranks = rankdata(scores)  # average ranks: the Mann-Whitney U statistic, as sklearn's roc_auc_score
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def f_measure(saliency: np.ndarray, truth: np.ndarray, beta2: float = BETA2) -> float:
+    """F-beta of the map binarised at the adaptive threshold 2 x its mean (0 when nothing matches)."""
+    predicted = saliency >= 2.0 * float(saliency.mean())
+    truth = truth.astype(bool)
+    hits = float((predicted & truth).sum())
+    if hits == 0:
+        return 0.0
+    precision, recall = hits / float(predicted.sum()), hits / float(truth.sum())
+    return (1 + beta2) * precision * recall / (beta2 * precision + recall)
+
+
+def load_photos(max_side: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{name: (photo, ROI mask)}`` for every photo in OBJECTS, the mask from write_photo_set's boxes."""
+    names = list(OBJECTS)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sample_set = write_photo_set(tmp, names, max_side=max_side)
+        coco = load_coco(sample_set.annotations)
+        for image_id, file_name in coco.images():
+            name = Path(file_name).stem
+            image = photo(name, max_side=max_side)
+            mask = coco.mask(image_id)
+            if mask.shape != image.shape[:2]:
+                raise RuntimeError(f"{name}: mask {mask.shape} does not match the photo {image.shape[:2]}")
+            out[name] = (image, mask > 0.5)
+    return out
+
+
+def evaluate(model_name: str, data: dict[str, tuple[np.ndarray, np.ndarray]], repeats: int) -> dict:
+    """Per-photo AUC, F-measure and time of one model, with means and the median time."""
+    model = get_saliency_model(model_name)
+    model(next(iter(data.values()))[0])  # warm-up: lazy imports, caches
+    per_photo = {}
+    for name, (image, truth) in data.items():
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            saliency = model(image)
+            times.append(time.perf_counter() - start)
+        per_photo[name] = {"auc": round(roc_auc(saliency, truth), 4),
+                           "f_measure": round(f_measure(saliency, truth), 4),
+                           "s_per_mpix": round(min(times) / (image.shape[0] * image.shape[1] / 1e6), 4)}
+    return {"per_photo": per_photo,
+            "mean_auc": round(statistics.mean(p["auc"] for p in per_photo.values()), 4),
+            "mean_f_measure": round(statistics.mean(p["f_measure"] for p in per_photo.values()), 4),
+            "median_s_per_mpix": round(statistics.median(p["s_per_mpix"] for p in per_photo.values()), 4)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-side", type=int, default=512, help="photos' longer side in pixels (default 512)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per photo; the best counts (default 3)")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated model names (default: every registered model)")
+    args = parser.parse_args(argv)
+    names = args.models.split(",") if args.models else saliency_models()
+    data = load_photos(args.max_side)
+    models = {name: evaluate(name, data, max(1, args.repeats)) for name in names}
+    baseline = models.get("centre_prior")
+    result = {
+        "photos": {name: {"height": image.shape[0], "width": image.shape[1],
+                          "roi_fraction": round(float(truth.mean()), 4)} for name, (image, truth) in data.items()},
+        "metrics": {"auc": "ROC AUC over pixels", "f_measure": f"F-beta, beta^2={BETA2}, threshold 2 x mean saliency",
+                    "s_per_mpix": "seconds per megapixel, best of repeats; the model's median over the photos"},
+        "models": models,
+        "ranking_by_mean_auc": sorted(models, key=lambda n: -models[n]["mean_auc"]),
+        "beats_centre_prior": ({n: m["mean_auc"] > baseline["mean_auc"] for n, m in models.items()
+                                if n != "centre_prior"} if baseline else None),
+        "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()},
+    }
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
