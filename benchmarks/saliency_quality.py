@@ -12,7 +12,9 @@ the boxes are scaled exactly as everywhere else):
 - ``s_per_mpix``: seconds per megapixel (best of ``--repeats`` calls on the photo).
 
 Per model: the per-photo numbers, their means, and the median time per megapixel.
-``centre_prior`` ignores the image: it is the baseline a model must beat.
+``centre_prior`` ignores the image: it is the baseline a model must beat. The learned
+models (``u2net``, ``u2netp``) run when their weights are given (``--u2net-weights``...),
+else they are listed under ``skipped``.
 
     python benchmarks/saliency_quality.py [--max-side 512 --repeats 3 --models mbd,centre_prior]
 """
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.photos import OBJECTS, photo, write_photo_set  # noqa: E402
 from pipeline.masks import get_saliency_model, load_coco, saliency_models  # noqa: E402
+from pipeline.masks.saliency import LEARNED_SALIENCY_MODELS  # noqa: E402
 
 BETA2 = 0.3
 
@@ -78,9 +81,10 @@ def load_photos(max_side: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def evaluate(model_name: str, data: dict[str, tuple[np.ndarray, np.ndarray]], repeats: int) -> dict:
+def evaluate(model_name: str, data: dict[str, tuple[np.ndarray, np.ndarray]], repeats: int,
+             weights: str | None = None) -> dict:
     """Per-photo AUC, F-measure and time of one model, with means and the median time."""
-    model = get_saliency_model(model_name)
+    model = get_saliency_model(model_name, weights)
     model(next(iter(data.values()))[0])  # warm-up: lazy imports, caches
     per_photo = {}
     for name, (image, truth) in data.items():
@@ -104,18 +108,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-side", type=int, default=512, help="photos' longer side in pixels (default 512)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per photo; the best counts (default 3)")
     parser.add_argument("--models", default=None,
-                        help="comma-separated model names (default: every registered model)")
+                        help="comma-separated model names (default: every model; learned ones need weights)")
+    for name in LEARNED_SALIENCY_MODELS:
+        parser.add_argument(f"--{name}-weights", metavar="FILE", default=None,
+                            help=f"weights of the learned {name} (without them it is skipped)")
     args = parser.parse_args(argv)
+    weights = {name: getattr(args, f"{name}_weights") for name in LEARNED_SALIENCY_MODELS}
     names = args.models.split(",") if args.models else saliency_models()
+    skipped = {n: f"no --{n}-weights" for n in names if n in weights and weights[n] is None}
     data = load_photos(args.max_side)
-    models = {name: evaluate(name, data, max(1, args.repeats)) for name in names}
+    models = {name: evaluate(name, data, max(1, args.repeats), weights.get(name)) for name in names
+              if name not in skipped}
     baseline = models.get("centre_prior")
     result = {
         "photos": {name: {"height": image.shape[0], "width": image.shape[1],
                           "roi_fraction": round(float(truth.mean()), 4)} for name, (image, truth) in data.items()},
         "metrics": {"auc": "ROC AUC over pixels", "f_measure": f"F-beta, beta^2={BETA2}, threshold 2 x mean saliency",
                     "s_per_mpix": "seconds per megapixel, best of repeats; the model's median over the photos"},
-        "models": models,
+        "models": models, "skipped": skipped,
         "ranking_by_mean_auc": sorted(models, key=lambda n: -models[n]["mean_auc"]),
         "beats_centre_prior": ({n: m["mean_auc"] > baseline["mean_auc"] for n, m in models.items()
                                 if n != "centre_prior"} if baseline else None),

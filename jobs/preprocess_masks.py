@@ -69,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompt)")
     p.add_argument("--no-saliency", dest="saliency", action="store_false", help="do not compute saliency maps")
     p.add_argument("--saliency-model", default=DEFAULT_SALIENCY_MODEL, choices=saliency_models(),
-                   help="saliency algorithm (default: %(default)s)")
+                   help="saliency algorithm (default: %(default)s); u2net / u2netp (learned) need --saliency-weights")
+    p.add_argument("--saliency-weights", metavar="FILE", default=None,
+                   help="weights of a learned --saliency-model (the U-2-Net authors' u2net.pth / u2netp.pth)")
+    p.add_argument("--saliency-actors", type=int, default=1,
+                   help="actors running a learned saliency model, one GPU each with --gpu (default: %(default)s)")
     p.add_argument("--max-side", type=int, default=1024,
                    help="longer side images are shrunk to for the computation; masks keep the original size "
                         "(default: %(default)s)")
@@ -87,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = preprocess(
             args.input, args.output, prompts=args.prompts, prompts_file=args.prompts_file,
             coco_annotations=args.coco_annotations, roi_source=args.roi_source, saliency=args.saliency,
-            saliency_model=args.saliency_model, rows_per_shard=args.rows_per_shard,
+            saliency_model=args.saliency_model, saliency_weights=args.saliency_weights,
+            saliency_actors=args.saliency_actors, rows_per_shard=args.rows_per_shard,
             num_text_actors=args.text_actors, text_actor_cpus=args.text_actor_cpus, use_gpu=args.use_gpu,
             batch_size=args.batch_size, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
             clip_config=args.clip_config, clip_download=args.clip_download,

@@ -6,7 +6,9 @@ Stages (Ray Data, streaming):
    palette, RGBA, 16-bit are converted to 8-bit RGB; alpha dropped), shrink to at most
    ``max_side`` pixels on the longer side for the computation, compute the saliency
    map. Anything that fails here (corrupt or non-image file, decompression bomb)
-   becomes rows with ``error`` set, never a failed job.
+   becomes rows with ``error`` set, never a failed job. A learned saliency model
+   (``u2net``, ``u2netp``) runs in an actor pool instead (:class:`SaliencyStage`: one
+   model load per actor, one GPU per actor when the cluster has GPUs).
 2. **ROI masks**: ``clip`` in a callable-class actor pool (one model load per actor,
    one GPU per actor when the cluster has GPUs), ``coco`` in a one-actor pool (one
    annotation load), ``saliency`` in tasks (the ROI mask is the saliency map).
@@ -50,7 +52,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.data.shards import SHARD_SCHEMA, existing_keys, shard_name, write_shard
 from pipeline.masks.coco import CocoMasks
 from pipeline.masks.ops import combine, from_png, resize, to_png, to_rgb_array
-from pipeline.masks.saliency import DEFAULT_SALIENCY_MODEL, get_saliency_model
+from pipeline.masks.saliency import DEFAULT_SALIENCY_MODEL, LEARNED_SALIENCY_MODELS, get_saliency_model
 from pipeline.masks.text import (DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, TextMasker, load_clip_config,
                                  plan_clip_load)
 from pipeline.ray_session import ensure_ray
@@ -130,6 +132,26 @@ def decode_batch(batch: pa.Table, max_side: int, saliency_model: str | None) -> 
 
 def _pixels(row: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(row["pixels"], np.uint8).reshape(row["pix_h"], row["pix_w"], 3)
+
+
+class SaliencyStage:
+    """Actor stage: saliency maps of the decoded images from a learned model loaded once per actor."""
+
+    def __init__(self, model: str, weights: str, threads: int = 1) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.model = get_saliency_model(model, weights)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        for row in rows:
+            if row["error"] is None:
+                try:
+                    row["saliency"] = to_png(resize(self.model(_pixels(row)), (row["height"], row["width"])))
+                except Exception as exc:  # one bad image is its error row
+                    row["error"] = _first_line(exc)
+        return pa.Table.from_pylist(rows, schema=_DECODED_SCHEMA)
 
 
 MasksFn = Callable[[list[dict[str, Any]]], list[list[bytes]]]
@@ -226,7 +248,8 @@ def _list_folder(folder: Path) -> list[tuple[str, Path]]:
 def preprocess(input: str | Path, output: str | Path, *, prompts: Sequence[str] = (),
                prompts_file: str | Path | None = None, coco_annotations: str | Path | None = None,
                roi_source: str | None = None, saliency: bool = True, saliency_model: str = DEFAULT_SALIENCY_MODEL,
-               rows_per_shard: int = 1000, num_text_actors: int = 1, text_actor_cpus: float | None = None,
+               saliency_weights: str | None = None, saliency_actors: int = 1, rows_per_shard: int = 1000,
+               num_text_actors: int = 1, text_actor_cpus: float | None = None,
                use_gpu: bool | None = None, batch_size: int = 16, clip_model: str = DEFAULT_CLIP_MODEL,
                clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED, clip_config: str | Path | None = None,
                clip_download: bool = False, clip_input_size: int | None = None, max_side: int = 1024,
@@ -241,6 +264,8 @@ def preprocess(input: str | Path, output: str | Path, *, prompts: Sequence[str] 
     else to this machine's cores shared among the text actors (also their torch thread
     count). Actor settings the cluster cannot fit now fail at once rather than hang.
     ``combine_prompts`` writes one row per image with the union of its prompts' masks.
+    ``saliency_weights``: the weights file of a learned ``saliency_model`` (run by
+    ``saliency_actors`` actors, a GPU each when the cluster has them and ``use_gpu`` allows).
     Returns a summary: rows written, error rows, keys skipped, images/s, ...
     """
     t_start = time.perf_counter()
@@ -265,8 +290,11 @@ def preprocess(input: str | Path, output: str | Path, *, prompts: Sequence[str] 
     if roi_source == "clip" and not (wanted or coco_annotations):
         raise PreprocessError("the clip ROI source needs prompts (--prompts / --prompts-file) or COCO categories")
     saliency_name = saliency_model if saliency else None
+    learned_saliency = saliency_name in LEARNED_SALIENCY_MODELS
     if saliency_name:
-        get_saliency_model(saliency_name)  # unknown name: fail before starting anything
+        get_saliency_model(saliency_name, saliency_weights)  # unknown name, missing weights: fail before starting
+    if saliency_actors < 1:
+        raise PreprocessError("saliency actors must be >= 1")
 
     # -- what to do: one item per image with its pending prompts --------------------------------
     coco = CocoMasks(coco_annotations) if coco_annotations is not None else None
@@ -320,8 +348,14 @@ def preprocess(input: str | Path, output: str | Path, *, prompts: Sequence[str] 
                                   f"cluster's {resources.get('CPU', 0):g} for reading images; use fewer or "
                                   "smaller actors")
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
-        ds = ds.map_batches(decode_batch, fn_kwargs={"max_side": max_side, "saliency_model": saliency_name},
+        ds = ds.map_batches(decode_batch, fn_kwargs={"max_side": max_side,
+                                                     "saliency_model": None if learned_saliency else saliency_name},
                             batch_size=batch_size, batch_format="pyarrow", num_cpus=1)
+        if learned_saliency:
+            ds = ds.map_batches(SaliencyStage,
+                                fn_constructor_kwargs={"model": saliency_name, "weights": saliency_weights},
+                                compute=ray.data.ActorPoolStrategy(size=saliency_actors), batch_size=batch_size,
+                                batch_format="pyarrow", num_cpus=1, num_gpus=1 if gpus else 0)
         if roi_source == "clip":
             ds = ds.map_batches(TextMaskStage, fn_constructor_kwargs={"clip": clip, "threads": max(1, int(cpus)),
                                                                       "combine_prompts": combine_prompts},
@@ -336,6 +370,7 @@ def preprocess(input: str | Path, output: str | Path, *, prompts: Sequence[str] 
             ds = ds.map_batches(saliency_rows, batch_size=batch_size, batch_format="pyarrow", num_cpus=1)
 
         metadata = {"run_id": run_id, "roi_source": roi_source, "saliency_model": saliency_name or "",
+                    "saliency_weights": saliency_weights or "",
                     "max_side": max_side, "clip_model": clip_model if clip else "",
                     "clip_pretrained": (clip_pretrained or "none") if clip else ""}
         image_ids: set[str] = set()

@@ -31,13 +31,13 @@ def build_mask(image: Image.Image, *, prompts: Sequence[str] = (), prompt_weight
                text_masker: TextMasker | None = None, clip_model: str = DEFAULT_CLIP_MODEL,
                clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED, clip_config: str | Path | None = None,
                clip_download: bool = False, saliency_model: str = DEFAULT_SALIENCY_MODEL,
-               image_name: str | None = None) -> np.ndarray:
+               saliency_weights: str | None = None, image_name: str | None = None) -> np.ndarray:
     """The ROI mask of ``image`` (float32 HxW in [0, 1]) from the given sources, combined by max.
 
     - ``prompts`` (+ ``prompt_weights``, one per prompt): CLIP text mask, from
       ``text_masker`` or a cached one built from ``clip_model``/``clip_pretrained``/
       ``clip_config`` (see :mod:`pipeline.masks.text` for the normalisation).
-    - ``saliency``: the saliency map of ``saliency_model``.
+    - ``saliency``: the saliency map of ``saliency_model`` (a learned one from ``saliency_weights``).
     - ``coco_annotations`` (+ ``categories``, prompt-like words; none = every annotated
       object): COCO ground truth of the image named ``image_name``, by default the base
       name of ``image.filename``.
@@ -63,7 +63,7 @@ def build_mask(image: Image.Image, *, prompts: Sequence[str] = (), prompt_weight
                                                 None if clip_config is None else str(clip_config), clip_download)
         parts.append(masker(rgb, prompts, prompt_weights))
     if saliency:
-        parts.append(get_saliency_model(saliency_model)(rgb))
+        parts.append(get_saliency_model(saliency_model, saliency_weights)(rgb))
     if coco_annotations is not None:
         coco = load_coco(coco_annotations)
         name = image_name or Path(getattr(image, "filename", "") or "").name

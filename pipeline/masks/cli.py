@@ -31,9 +31,13 @@ def add_mask_source_arguments(parser: argparse.ArgumentParser) -> None:
                        help="importance of each prompt, one per --prompt (e.g. 1 0.5: faces over hands); "
                             "the mask is the max of weight x prompt mask, weights scaled so the largest is 1")
     group.add_argument("--saliency", action="store_true",
-                       help="add a saliency map (no weights needed)")
+                       help="add a saliency map (of --saliency-model; the default needs no weights)")
     group.add_argument("--saliency-model", default=DEFAULT_SALIENCY_MODEL, choices=saliency_models(),
-                       help="saliency algorithm (default: %(default)s)")
+                       help="saliency algorithm (default: %(default)s); u2net / u2netp are learned salient-object "
+                            "detectors that need --saliency-weights")
+    group.add_argument("--saliency-weights", metavar="FILE", default=None,
+                       help="weights of a learned --saliency-model (the U-2-Net authors' u2net.pth / u2netp.pth); "
+                            "never downloaded")
     group.add_argument("--coco", metavar="ANN.json", default=None,
                        help="COCO annotation file: ground-truth mask of this image (found by file name)")
     group.add_argument("--category", dest="categories", metavar="NAME", nargs="+", action="extend", default=[],
@@ -60,7 +64,8 @@ def mask_from_args(args: argparse.Namespace, image: Image.Image, image_path: str
         image, prompts=args.prompts, prompt_weights=args.prompt_weights, saliency=args.saliency,
         coco_annotations=args.coco, categories=args.categories, clip_model=args.clip_model,
         clip_pretrained=args.clip_pretrained, clip_config=args.clip_config, clip_download=args.clip_download,
-        saliency_model=args.saliency_model, image_name=Path(image_path).name if image_path else None,
+        saliency_model=args.saliency_model, saliency_weights=args.saliency_weights,
+        image_name=Path(image_path).name if image_path else None,
     )
 
 

@@ -10,8 +10,9 @@ scikit-image's grayscale reconstruction is borrowed for MB+'s smoothing):
 - ``frequency_tuned``: Achanta et al., "Frequency-tuned Salient Region Detection",
   CVPR 2009. Distance in CIE Lab between each slightly blurred pixel and the image mean.
 - ``mbd``: MB+ of Zhang et al., "Minimum Barrier Salient Object Detection at 80 FPS",
-  ICCV 2015: whole objects, not high-frequency spots. The image is resized to 300 px on
-  its longer side, converted to Lab (8-bit scaling, L x 2.55) and median-filtered (5x5);
+  ICCV 2015: whole objects, not high-frequency spots. The image is shrunk to at most 300 px
+  on its longer side (smaller images are not enlarged; the smoothing width scales with
+  it), converted to Lab (8-bit scaling, L x 2.55) and median-filtered (5x5);
   per channel, the minimum barrier distance of each pixel to the image border (a path's
   barrier = its highest minus its lowest value) is approximated by FastMBD: three raster
   scans (forward, backward, forward), each pixel keeping the bounds of its best path.
@@ -21,7 +22,7 @@ scikit-image's grayscale reconstruction is borrowed for MB+'s smoothing):
   the backgroundness map (whitened colour distance, L1, to each of the four 10 % border
   strips, covariance + 50 I; the four maps summed minus the largest), multiplies by a
   centre bias (1 at the centre, 0 at the corners), smooths by opening then closing by
-  reconstruction with a square of width max(3, 50 sqrt(mean saliency)), and sharpens with
+  reconstruction with a square of width max(3, 50 sqrt(mean saliency)) at 300 px, and sharpens with
   a sigmoid (b = 10) centred halfway between the means above and below half the maximum.
   The authors' artificial-frame removal is left out.
 - ``centre_prior``: no image content at all, a Gaussian centred on the image with sigma a
@@ -64,17 +65,36 @@ def register_saliency_model(name: str) -> Callable[[Callable[[], SaliencyModel]]
     return decorate
 
 
+LEARNED_SALIENCY_MODELS = ("u2net", "u2netp")  # pipeline.masks.salient_object: they need weights
+
+
 def saliency_models() -> list[str]:
-    """Names of the registered saliency models."""
-    return sorted(_REGISTRY)
+    """Names of the saliency models: the registered weight-free ones and the learned ones."""
+    return sorted([*_REGISTRY, *LEARNED_SALIENCY_MODELS])
 
 
-def get_saliency_model(name: str = DEFAULT_SALIENCY_MODEL) -> SaliencyModel:
-    """Build the saliency model registered under ``name`` (MaskError if unknown)."""
+def get_saliency_model(name: str = DEFAULT_SALIENCY_MODEL, weights: str | None = None) -> SaliencyModel:
+    """The saliency model ``name``; a learned one (:data:`LEARNED_SALIENCY_MODELS`) from ``weights``.
+
+    A learned model is loaded once per process and weights file (``random``: random
+    initialisation, to run the path). MaskError (one line) for an unknown name, a learned
+    model without weights or with weights that are missing or do not fit, or weights
+    given to a model that takes none.
+    """
+    if name in LEARNED_SALIENCY_MODELS:
+        from pipeline.masks.salient_object import WEIGHT_FILES, load_salient_object_model
+
+        if weights is None:
+            raise MaskError(f"saliency model {name!r} needs its weights: --saliency-weights FILE (the U-2-Net "
+                            f"authors' {WEIGHT_FILES[name]}); the weight-free default is {DEFAULT_SALIENCY_MODEL!r}")
+        return load_salient_object_model(name, weights)
     try:
         factory = _REGISTRY[name]
     except KeyError:
         raise MaskError(f"unknown saliency model {name!r} (known: {', '.join(saliency_models())})") from None
+    if weights is not None:
+        raise MaskError(f"saliency model {name!r} takes no weights (--saliency-weights is for "
+                        f"{', '.join(LEARNED_SALIENCY_MODELS)})")
     return factory()
 
 
@@ -288,7 +308,7 @@ class MinimumBarrier:
         h, w = image.shape[:2]
         if int(image.max()) == int(image.min()):  # flat: nothing stands out
             return np.zeros((h, w), np.float32)
-        factor = self.scale / max(h, w)
+        factor = min(1.0, self.scale / max(h, w))  # small images are not enlarged: nothing to gain
         small = _resize_rgb(image, max(1, round(h * factor)), max(1, round(w * factor)))
         lab = _srgb_to_lab(small) * np.array([255 / 100, 1.0, 1.0])  # 8-bit Lab scaling, as the authors' code
         if self.median > 1:
@@ -302,7 +322,8 @@ class MinimumBarrier:
         if saliency.max() <= 0:
             return np.zeros((h, w), np.float32)
         if self.smooth_alpha > 0:
-            width = max(3, int(self.smooth_alpha * np.sqrt(saliency.mean())))
+            scale = max(saliency.shape) / self.scale  # the paper's width is for ~300 px images
+            width = max(3, int(self.smooth_alpha * np.sqrt(saliency.mean()) * scale))
             width = min(width, max(1, min(saliency.shape) // 4))  # a wider square would erase a thin image
             saliency = _normalise(_morph_smooth(saliency, width)).astype(np.float64)
         if self.contrast_b > 0:

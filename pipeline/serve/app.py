@@ -86,6 +86,7 @@ class ServeSettings:
     clip_download: bool = False
     text_masks: bool = True                # False: no CLIP model at all (prompts answer 503)
     saliency_model: str = DEFAULT_SALIENCY_MODEL
+    saliency_weights: str | None = None    # a learned saliency model's weights file (u2net, u2netp)
     max_upload_mb: float = 20.0            # request bodies above this get 413 (header and bytes read)
     max_pixels: int = 2048 * 2048          # images (and bitstreams) above this get 413
     max_prompts: int = 8
@@ -384,7 +385,7 @@ class MaskModel:
     def __init__(self, settings: dict[str, Any]) -> None:
         import torch
 
-        from pipeline.masks import MaskError, TextMasker
+        from pipeline.masks import MaskError, TextMasker, get_saliency_model
 
         s = ServeSettings(**settings)
         self.settings = s
@@ -400,12 +401,19 @@ class MaskModel:
                 log.error("MaskModel: text masks unavailable: %s", exc)
         else:
             self.text_error = "text masks are turned off (text_masks: false)"
+        self.saliency_error = None
+        try:  # a learned model is loaded here, once per replica (the loader caches it)
+            get_saliency_model(s.saliency_model, s.saliency_weights)
+        except MaskError as exc:  # serve text masks and mask files anyway; /healthz says why
+            self.saliency_error = str(exc)
+            log.error("MaskModel: saliency unavailable: %s", exc)
         self._lock = threading.Lock()
 
     def info(self) -> dict[str, Any]:
         return {"text_masks": self.masker is not None, "text_error": self.text_error,
                 "clip_model": self.settings.clip_model if self.settings.clip_config is None else "config",
-                "saliency_model": self.settings.saliency_model, "device": self.device}
+                "saliency_model": self.settings.saliency_model, "saliency_error": self.saliency_error,
+                "device": self.device}
 
     def mask(self, rgb: np.ndarray, prompts: list[str], saliency: bool) -> dict[str, Any]:
         from PIL import Image
@@ -414,10 +422,13 @@ class MaskModel:
 
         if prompts and self.masker is None:
             return _error(503, f"text prompts are unavailable on this service: {self.text_error}")
+        if saliency and self.saliency_error is not None:
+            return _error(503, f"saliency is unavailable on this service: {self.saliency_error}")
         try:
             with self._lock:
                 mask = build_mask(Image.fromarray(rgb), prompts=prompts, saliency=saliency,
-                                  text_masker=self.masker, saliency_model=self.settings.saliency_model)
+                                  text_masker=self.masker, saliency_model=self.settings.saliency_model,
+                                  saliency_weights=self.settings.saliency_weights)
         except MaskError as exc:
             return _error(422, _one_line(exc))
         except Exception as exc:  # noqa: BLE001
