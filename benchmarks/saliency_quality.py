@@ -12,6 +12,9 @@ the boxes are scaled exactly as everywhere else):
 - ``s_per_mpix``: seconds per megapixel (best of ``--repeats`` calls on the photo).
 
 Per model: the per-photo numbers, their means, and the median time per megapixel.
+With ``--checkpoint``, every photo is also coded with each model's map as its mask (at
+``--roi-quality`` 0.3, ``--rate`` 0.5): bpp, ROI and non-ROI PSNR (ROI = the map >= 0.5),
+and on how many photos the ROI comes out above the rest.
 ``centre_prior`` ignores the image: it is the baseline a model must beat. The learned
 models (``u2net``, ``u2netp``) run when their weights are given (``--u2net-weights``...),
 else they are listed under ``skipped``.
@@ -102,6 +105,34 @@ def evaluate(model_name: str, data: dict[str, tuple[np.ndarray, np.ndarray]], re
             "median_s_per_mpix": round(statistics.median(p["s_per_mpix"] for p in per_photo.values()), 4)}
 
 
+def through_codec(checkpoint: str, model_name: str, data: dict[str, tuple[np.ndarray, np.ndarray]],
+                  roi_quality: float, rate: float, weights: str | None = None) -> dict:
+    """Each photo coded with the model's map as its mask: bpp, ROI / non-ROI PSNR (ROI = the map >= 0.5)."""
+    import torch
+    from PIL import Image
+
+    from pipeline.codec.coding import bits_per_pixel, decode, encode, image_to_tensor, mask_to_tensor
+    from pipeline.eval.evaluate import load_model, quality, quantize8
+
+    codec, _ = load_model(checkpoint)
+    model = get_saliency_model(model_name, weights)
+    per_photo = {}
+    for name, (image, _) in data.items():
+        x = image_to_tensor(Image.fromarray(image))
+        m = mask_to_tensor(model(image), image.shape[:2])
+        with torch.no_grad():
+            data_bytes = encode(codec, x, m, roi_quality, rate)
+            x_hat = quantize8(decode(codec, data_bytes))
+        q = quality(x, x_hat, m)
+        per_photo[name] = {"bpp": round(bits_per_pixel(data_bytes, image.shape[1], image.shape[0]), 4),
+                           "roi_psnr": round(q["roi_psnr"], 2), "nonroi_psnr": round(q["nonroi_psnr"], 2),
+                           "roi_fraction": round(float((m >= 0.5).float().mean()), 4)}
+    above = [p["roi_psnr"] > p["nonroi_psnr"] for p in per_photo.values()]
+    return {"per_photo": per_photo, "roi_above_nonroi": f"{sum(above)}/{len(above)}",
+            "mean_roi_minus_nonroi_db": round(statistics.mean(p["roi_psnr"] - p["nonroi_psnr"]
+                                                              for p in per_photo.values()), 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in LEARNED_SALIENCY_MODELS:
         parser.add_argument(f"--{name}-weights", metavar="FILE", default=None,
                             help=f"weights of the learned {name} (without them it is skipped)")
+    parser.add_argument("--checkpoint", default=None, metavar="CKPT",
+                        help="also code every photo with each model's map as its mask (ROI / non-ROI PSNR)")
+    parser.add_argument("--roi-quality", type=float, default=0.3, help="with --checkpoint (default 0.3)")
+    parser.add_argument("--rate", type=float, default=0.5, help="with --checkpoint (default 0.5)")
     args = parser.parse_args(argv)
     weights = {name: getattr(args, f"{name}_weights") for name in LEARNED_SALIENCY_MODELS}
     names = args.models.split(",") if args.models else saliency_models()
@@ -126,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": {"auc": "ROC AUC over pixels", "f_measure": f"F-beta, beta^2={BETA2}, threshold 2 x mean saliency",
                     "s_per_mpix": "seconds per megapixel, best of repeats; the model's median over the photos"},
         "models": models, "skipped": skipped,
+        "codec": ({"checkpoint": args.checkpoint, "roi_quality": args.roi_quality, "rate": args.rate,
+                   **{n: through_codec(args.checkpoint, n, data, args.roi_quality, args.rate, weights.get(n))
+                      for n in models if n != "centre_prior"}} if args.checkpoint else None),
         "ranking_by_mean_auc": sorted(models, key=lambda n: -models[n]["mean_auc"]),
         "beats_centre_prior": ({n: m["mean_auc"] > baseline["mean_auc"] for n, m in models.items()
                                 if n != "centre_prior"} if baseline else None),

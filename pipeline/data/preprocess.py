@@ -291,6 +291,8 @@ def preprocess(input: str | Path, output: str | Path, *, prompts: Sequence[str] 
         raise PreprocessError("the clip ROI source needs prompts (--prompts / --prompts-file) or COCO categories")
     saliency_name = saliency_model if saliency else None
     learned_saliency = saliency_name in LEARNED_SALIENCY_MODELS
+    if saliency_weights is not None and Path(saliency_weights).is_file():
+        saliency_weights = str(Path(saliency_weights).resolve())  # the actors may run in another folder
     if saliency_name:
         get_saliency_model(saliency_name, saliency_weights)  # unknown name, missing weights: fail before starting
     if saliency_actors < 1:

@@ -81,14 +81,15 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser, checkpoint_required:
     mode.add_argument("--sweep", action="store_true",
                       help="RD curves over rates and roi-qualities, BD-rate/BD-PSNR, plots and CSV")
     parser.add_argument("--sweep-rates", type=_count, default=5, metavar="K",
-                        help="with --sweep: K rates evenly spaced on [0,1] (default %(default)s)")
+                        help="with --sweep or --task-annotations: K rates evenly spaced on [0,1] "
+                             "(default %(default)s)")
     parser.add_argument("--sweep-roi-quality", dest="sweep_roi_qualities", type=unit_interval, nargs="+",
                         default=None, metavar="Q",
                         help="with --sweep: roi-qualities to sweep besides --roi-quality (default: 1.0, "
                              "the uniform learned baseline)")
     parser.add_argument("--plots", metavar="DIR", default=None,
-                        help="with --sweep: folder for the PNG plots and CSV tables "
-                             "(default: <OUT>_rd/ next to the JSON)")
+                        help="with --sweep or --task-annotations: folder for the PNG plots and CSV tables "
+                             "(default: <OUT>_rd/ or <OUT>_task/ next to the JSON)")
     parser.add_argument("--baselines", nargs="+", choices=BASELINES, default=list(BASELINES),
                         help="classic codecs to compare with (default: all)")
     add_task_arguments(parser)

@@ -235,13 +235,14 @@ def task_sweep(checkpoint: str | Path, images_dir: str | Path, masks_dir: str | 
     task_set = load_task_set(annotations, images_dir, limit)
     if hasattr(detector, "check"):
         detector.check()  # missing weights: fail before starting Ray
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt = resolve_checkpoint(checkpoint).resolve()  # absolute: Ray's workers may run elsewhere
     variant = load_checkpoint(ckpt).variant
     run, skipped = bl.available_baselines([bl.get_baseline(n).name for n in baselines])
     plan = {"rates": rates, "roi_qualities": qs, "roi_quality": float(roi_quality), "baselines": run,
-            "masks_dir": None if masks_dir is None else str(masks_dir),
-            "mask_options": mask_options if mask_options is not None else {"coco_annotations": str(annotations)}}
-    items = [{"image_id": i, "file": f, "path": str(p)} for i, f, p in task_set.images]
+            "masks_dir": None if masks_dir is None else str(Path(masks_dir).resolve()),
+            "mask_options": mask_options if mask_options is not None else
+            {"coco_annotations": str(Path(annotations).resolve())}}
+    items = [{"image_id": i, "file": f, "path": str(p.resolve())} for i, f, p in task_set.images]
     rows_per_image = 1 + len(rates) * (len(qs) + len(run))
 
     import ray
