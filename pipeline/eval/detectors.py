@@ -18,7 +18,8 @@ so each Ray actor loads the model once.
 :class:`TorchvisionDetectorSpec` builds one of torchvision's R-CNN models (Faster R-CNN,
 Mask R-CNN) with COCO's 91 label indices, which are the COCO category ids. Weights:
 
-- a file path: a state dict (or ``{"model": state_dict}``) saved from the same architecture;
+- a file path: a state dict (or ``{"model": state_dict}``) saved from the same architecture
+  (:func:`pipeline.weights.read_state_dict`);
 - a torchvision weight name (``DEFAULT``, ``COCO_V1``, ...): read from the local torch
   cache (``$TORCH_HOME/hub/checkpoints/``), never downloaded; missing there is one
   :class:`DetectorError` naming the file and how to get it;
@@ -35,6 +36,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
+
+from pipeline.weights import read_state_dict
 
 DETECTOR_ARCHS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
                   "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
@@ -150,12 +153,7 @@ class TorchvisionDetectorSpec:
         model = get_model(self.arch, weights=None, weights_backbone=None, num_classes=COCO_NUM_CLASSES,
                           min_size=self.min_size, max_size=self.max_size, box_score_thresh=self.score_threshold)
         if path is not None:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-                raise DetectorError(f"cannot read detector weights {path}: {str(exc).splitlines()[0]}") from None
-            if isinstance(state, dict) and isinstance(state.get("model"), dict):
-                state = state["model"]
+            state = read_state_dict(path, DetectorError, "detector weights")
             if not any(k.endswith("num_batches_tracked") for k in state):
                 _freeze_batchnorm(model)  # weights saved from torchvision's frozen-BN models
             try:

@@ -25,6 +25,7 @@ from PIL import Image
 from torch import nn
 
 from pipeline.masks.ops import MaskError
+from pipeline.weights import read_state_dict
 
 RANDOM = "random"
 INPUT_SIZE = 320
@@ -117,18 +118,6 @@ class U2Net(nn.Module):
         return torch.sigmoid(self.outconv(torch.cat(sides, 1)))
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise MaskError(f"cannot read saliency weights {path}: {str(exc).splitlines()[0]}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise MaskError(f"saliency weights {path} are not a state dict")
-    return {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
-
-
 class SalientObjectModel:
     """A :class:`~pipeline.masks.saliency.SaliencyModel` running U²-Net (``arch``) from ``weights``."""
 
@@ -144,7 +133,7 @@ class SalientObjectModel:
                 raise MaskError(f"saliency weights not found: {path} (--saliency-weights; {arch} uses the U-2-Net "
                                 f"authors' {WEIGHT_FILES[arch]})")
             try:
-                net.load_state_dict(_state_dict(path))
+                net.load_state_dict(read_state_dict(path, MaskError, "saliency weights"))
             except RuntimeError as exc:
                 raise MaskError(f"saliency weights {path} do not fit {arch}: {str(exc).splitlines()[0]}") from None
         self.net = net.eval().to(self.device)
