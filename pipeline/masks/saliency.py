@@ -3,13 +3,13 @@
 The classic algorithms are written here with numpy/scipy (OpenCV is not a dependency;
 scikit-image's grayscale reconstruction is borrowed for MB+'s smoothing):
 
-- ``spectral_residual`` (default): Hou & Zhang, "Saliency Detection: A Spectral Residual
+- ``spectral_residual``: Hou & Zhang, "Saliency Detection: A Spectral Residual
   Approach", CVPR 2007. Gray image at 64 px on its longer side, log-amplitude spectrum
   minus its 3x3 local mean, back with the original phase, squared, Gaussian blur
   (sigma 2.5 px at that scale, as in the authors' code).
 - ``frequency_tuned``: Achanta et al., "Frequency-tuned Salient Region Detection",
   CVPR 2009. Distance in CIE Lab between each slightly blurred pixel and the image mean.
-- ``mbd``: MB+ of Zhang et al., "Minimum Barrier Salient Object Detection at 80 FPS",
+- ``mbd`` (default): MB+ of Zhang et al., "Minimum Barrier Salient Object Detection at 80 FPS",
   ICCV 2015: whole objects, not high-frequency spots. The image is shrunk to at most 300 px
   on its longer side (smaller images are not enlarged; the smoothing width scales with
   it), converted to Lab (8-bit scaling, L x 2.55) and median-filtered (5x5);
@@ -44,7 +44,7 @@ from scipy import ndimage
 
 from pipeline.masks.ops import MaskError, resize
 
-DEFAULT_SALIENCY_MODEL = "spectral_residual"
+DEFAULT_SALIENCY_MODEL = "mbd"  # benchmarks/saliency_quality.py: it finds whole objects
 
 
 @runtime_checkable
