@@ -39,7 +39,7 @@ from pipeline.codec.models import build_model  # noqa: E402
 from pipeline.data.samples import write_sample_set  # noqa: E402
 from pipeline.eval import baselines as bl  # noqa: E402
 from pipeline.eval.detectors import DEFAULT_DETECTOR, DETECTOR_ARCHS, TorchvisionDetectorSpec  # noqa: E402
-from pipeline.eval.task import CodecStage, DetectorStage, task_sweep  # noqa: E402
+from pipeline.eval.task import CodecStage, DetectorStage, task_plan, task_sweep  # noqa: E402
 
 VAL2017 = 5000
 
@@ -64,8 +64,7 @@ def main() -> None:
         model = build_model(args.variant).eval()
         model.update(force=True)
         ckpt = save_checkpoint(model, root / "model.pt")
-        plan = {"rates": rates, "roi_qualities": [0.3, 1.0], "roi_quality": 0.3, "baselines": run,
-                "masks_dir": None, "mask_options": {"coco_annotations": str(s.annotations)}}
+        plan = task_plan(rates, 0.3, [1.0], run, s.annotations)
         spec = TorchvisionDetectorSpec(args.detector, "random")
         codec = CodecStage(str(ckpt), plan, threads=os.cpu_count() or 1)
         batch = {"image_id": np.array([1]), "file": np.array([s.image_files[0].name]),

@@ -155,6 +155,7 @@ def task_keywords(args: argparse.Namespace) -> dict:
 
 def run_task_command(args: argparse.Namespace) -> dict:
     """``roicodec evaluate --task-annotations``: the task sweep, its files, MLflow; prints a summary."""
+    from pipeline.eval.evaluate import to_json
     from pipeline.eval.rd import log_to_mlflow
     from pipeline.eval.task import task_summary_lines, task_sweep, write_task_outputs
 
@@ -168,9 +169,9 @@ def run_task_command(args: argparse.Namespace) -> dict:
     if not args.no_mlflow:
         info = log_to_mlflow(result, [files["json"], files["points_csv"], files["bd_csv"], *files["plots"]],
                              args.mlflow_uri)
-        if info.get("run_id"):
-            result["mlflow"] = info
-            write_task_outputs(result, plots_dir, json_path=out_json)
+        if info.get("run_id"):  # the JSON again, with the MLflow run (the plots stay as drawn)
+            result["files"], result["mlflow"] = files, info
+            to_json(result, out_json)
     for line in task_summary_lines(result):
         print(line)
     print(f"{out_json}; plots, CSV and COCO results files in {plots_dir}")

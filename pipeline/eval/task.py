@@ -74,10 +74,10 @@ def _png(x: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def roi_mask(image: Image.Image, file: str, plan: dict[str, Any]) -> np.ndarray:
+def roi_mask(image: Image.Image, file: str, plan: dict[str, Any]) -> np.ndarray | Image.Image:
     """The codec's ROI mask of one image: a mask file, else :func:`build_mask` of the plan's sources."""
     if plan.get("masks_dir"):
-        return np.asarray(open_image(mask_path(plan["masks_dir"], Path(file))).convert("L"), np.float32) / 255.0
+        return open_image(mask_path(plan["masks_dir"], Path(file)))  # mask_to_tensor reads it as gray
     from pipeline.masks import build_mask
 
     return build_mask(image, image_name=Path(file).name, **plan["mask_options"])
@@ -202,6 +202,26 @@ def _bd(anchor: list[dict[str, Any]], test: list[dict[str, Any]]) -> dict[str, f
     return out
 
 
+def task_plan(rates: Sequence[float], roi_quality: float, roi_qualities: Sequence[float] | None,
+              baselines: Sequence[str], annotations: str | Path, masks_dir: str | Path | None = None,
+              mask_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What :class:`CodecStage` does per image: the rates, the roi-qualities (the main one first,
+    then ``roi_qualities``, default 1.0), the baselines that run, where the ROI masks come from
+    (absolute paths: Ray's workers may run elsewhere). Checks the knobs."""
+    rates = sorted({float(r) for r in rates})
+    if not rates:
+        raise EvaluationError("the task evaluation needs at least one rate")
+    qs = [float(roi_quality)] + [float(q) for q in (roi_qualities if roi_qualities is not None else (1.0,))
+                                 if not math.isclose(q, roi_quality)]
+    for q in qs:
+        for r in rates:
+            check_knobs(q, r)
+    return {"rates": rates, "roi_qualities": qs, "roi_quality": float(roi_quality), "baselines": list(baselines),
+            "masks_dir": None if masks_dir is None else str(Path(masks_dir).resolve()),
+            "mask_options": mask_options if mask_options is not None else
+            {"coco_annotations": str(Path(annotations).resolve())}}
+
+
 def task_sweep(checkpoint: str | Path, images_dir: str | Path, masks_dir: str | Path | None = None, *,
                annotations: str | Path, detector: Callable[[], Detector],
                mask_options: dict[str, Any] | None = None, roi_quality: float = DEFAULT_ROI_QUALITY,
@@ -220,14 +240,8 @@ def task_sweep(checkpoint: str | Path, images_dir: str | Path, masks_dir: str | 
     coding stays on the CPU either way). Raises :class:`EvaluationError` (one line) on bad input.
     """
     t0 = time.perf_counter()
-    rates = sorted({float(r) for r in rates})
-    qs = [roi_quality] + [q for q in (roi_qualities if roi_qualities is not None else (1.0,))
-                          if not math.isclose(q, roi_quality)]
-    for q in qs:
-        for r in rates:
-            check_knobs(q, r)
-    if not rates:
-        raise EvaluationError("the task evaluation needs at least one rate")
+    run, skipped = bl.available_baselines([bl.get_baseline(n).name for n in baselines])
+    plan = task_plan(rates, roi_quality, roi_qualities, run, annotations, masks_dir, mask_options)
     if masks_dir is not None and not Path(masks_dir).is_dir():
         raise EvaluationError(f"masks folder not found: {masks_dir}")
     if min(codec_actors, detector_actors, batch_size) < 1 or actor_cpus <= 0 or codec_gpus < 0:
@@ -237,13 +251,8 @@ def task_sweep(checkpoint: str | Path, images_dir: str | Path, masks_dir: str | 
         detector.check()  # missing weights: fail before starting Ray
     ckpt = resolve_checkpoint(checkpoint).resolve()  # absolute: Ray's workers may run elsewhere
     variant = load_checkpoint(ckpt).variant
-    run, skipped = bl.available_baselines([bl.get_baseline(n).name for n in baselines])
-    plan = {"rates": rates, "roi_qualities": qs, "roi_quality": float(roi_quality), "baselines": run,
-            "masks_dir": None if masks_dir is None else str(Path(masks_dir).resolve()),
-            "mask_options": mask_options if mask_options is not None else
-            {"coco_annotations": str(Path(annotations).resolve())}}
     items = [{"image_id": i, "file": f, "path": str(p.resolve())} for i, f, p in task_set.images]
-    rows_per_image = 1 + len(rates) * (len(qs) + len(run))
+    rows_per_image = 1 + len(plan["rates"]) * (len(plan["roi_qualities"]) + len(run))
 
     import ray
 
