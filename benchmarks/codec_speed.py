@@ -63,7 +63,7 @@ def measure(model: torch.nn.Module, images, roi: bool, repeats: int, device: tor
         for x, m in images:
             args = (x, m, 0.3, 0.5) if roi else (x,)
             out = model.compress(*args)
-            dec_args = (out["strings"], out["shape"]) + ((0.5,) if roi else ())
+            dec_args = (out["strings"], out["shape"]) + ((0.5, 0.3) if roi else ())
             enc.append(_time(lambda: model.compress(*args), repeats, device))
             dec.append(_time(lambda: model.decompress(*dec_args), repeats, device))
     mpix = sum(x.shape[-1] * x.shape[-2] for x, _ in images) / 1e6

@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", help="ROI mask PNG (white = ROI, resized to the image)")
     add_mask_source_arguments(p)
     p.add_argument("--roi-quality", type=unit_interval, default=0.3, metavar="Q",
-                   help="value of non-ROI pixels in [0,1]; 1 = uniform quality (default 0.3)")
+                   help="value of non-ROI pixels in [0,1]: the encoder's condition, and the background's "
+                        "latents are quantised with a step of 1/Q (at most 16); 1 = uniform quality (default 0.3)")
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--rate", type=unit_interval, default=0.5, metavar="R",
                       help="continuous rate in [0,1]; 1 = best quality (default 0.5)")

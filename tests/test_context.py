@@ -11,6 +11,7 @@ from pipeline.codec.checkpoint import fingerprint, load_checkpoint, save_checkpo
 from pipeline.codec.coding import decode, encode
 from pipeline.codec.context import default_groups
 from pipeline.codec.models import build_model, pad_to_multiple
+from pipeline.codec.steps import roi_cells, step_map, to_steps
 from pipeline.codec.numerics import coded_state
 from pipeline.train.local import train_local
 from pipeline.train.loss import bits_per_pixel as estimated_bpp
@@ -46,12 +47,12 @@ def test_groups_config_and_errors():
 def test_round_trip_is_the_encoders_reconstruction(models, variant, size):
     """Decoding gives exactly what the encoder's quantised latent synthesises (same table
     indexes, same symbols), whose latent the training forward's matches within the means'
-    fixed point, and the file has the hyperprior's layout (one y string, one z string)."""
+    fixed point, and the file has the hyperprior's layout (one y string, one z string, the ROI cell map)."""
     model = models[variant]
     h, w = size
     x, m = image_and_mask(h, w, seed=h + w)
     data = encode(model, x, m, 0.2, 0.7)
-    assert [len(g) for g in unpack(data)[1]] == [1, 1]
+    assert [len(g) for g in unpack(data)[1]] == [1, 1, 1]
     decoded = decode(model, data)
     enc = encoder_side(model, x, m, 0.2, 0.7)
     assert torch.equal(decoded, enc["x_hat"][..., :h, :w])
@@ -59,7 +60,8 @@ def test_round_trip_is_the_encoders_reconstruction(models, variant, size):
     assert torch.equal(indexes, enc["indexes"]) and torch.equal(symbols, enc["symbols"])
     with torch.no_grad():  # the training forward's latent (eval mode: rounded around the float means)
         y = model._encode_latent(pad_to_multiple(x, 64), pad_to_multiple(m, 64), 0.2, 0.7)
-        diff = (model._latent_forward(y, enc["z_hat"])[0] - enc["y_hat"]).abs()
+        quarters = step_map(roi_cells(pad_to_multiple(m, 64), y.shape[-2:]), 0.2)
+        diff = (model._latent_forward(y, enc["z_hat"], to_steps(quarters, y.dtype))[0] - enc["y_hat"]).abs()
     # the same symbols but for one at a rounding tie now and then (and, for the context model, the
     # elements whose context it changes), around means within the integer path's 1/256
     assert (diff > 0.5).float().mean() < 1e-2

@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +27,7 @@ CASE_SECONDS = 30.0
 
 
 def craft(variant: str, fp: bytes, width: int, height: int, rate: float, roi_quality: float,
-          groups: list[list[bytes]], version: int = 2) -> bytes:
+          groups: list[list[bytes]], version: int = 3) -> bytes:
     """A .roic file from raw fields, no validation, with a correct CRC."""
     return serialize(variant.encode("latin-1"), fp, width, height, rate, roi_quality, groups, version)
 
@@ -63,9 +64,11 @@ def mutations(data: bytes, seed: int) -> list[tuple[str, bytes]]:
     add("two strings in a y group", groups=[[groups[0][0], groups[0][0]], *groups[1:]])
     add("no z string", groups=[*groups[:-1], []])
     add("empty strings", groups=[[b""] for _ in groups])
-    add("version 3", version=3)
-    strings = [g[0] for g in groups]  # y's string groups (one with the hyperprior, 2 per channel group with
-    z = len(strings) - 1              # the context model), then z's
+    add("version 2 (two groups)", version=2)
+    add("version 2, y and z only", version=2, groups=groups[:2])
+    strings = [g[0] for g in groups]  # y, z, the ROI cell map
+    names = ["y", "z", "cells"]
+    cells = strings[2]
 
     def replaced(i: int, s: bytes) -> list[list[bytes]]:
         return [[s] if j == i else [t] for j, t in enumerate(strings)]
@@ -76,17 +79,21 @@ def mutations(data: bytes, seed: int) -> list[tuple[str, bytes]]:
         for _ in range(rng.choice([1, 1, 2, 8])):
             if s:
                 s[rng.randrange(len(s))] = rng.randrange(256)
-        add(f"{'z' if i == z else f'y{i}'} bytes changed", groups=replaced(i, bytes(s)))
+        add(f"{names[i]} bytes changed", groups=replaced(i, bytes(s)))
     for _ in range(30):
         i = rng.randrange(len(strings))
         cut = strings[i][:rng.randrange(len(strings[i]) + 1)]
-        add(f"{'z' if i == z else f'y{i}'} truncated to {len(cut)}", groups=replaced(i, cut))
+        add(f"{names[i]} truncated to {len(cut)}", groups=replaced(i, cut))
     for _ in range(10):
         junk = bytes(rng.randrange(256) for _ in range(rng.choice([1, 7, 64, 4096])))
-        i = rng.randrange(z) if z else 0
-        add(f"y{i} extended", groups=replaced(i, strings[i] + junk))
-    add("all 0xff y", groups=[[b"\xff" * len(s)] if i < z else [s] for i, s in enumerate(strings)])
-    add("all 0xff z", groups=replaced(z, b"\xff" * len(strings[z])))
+        i = rng.choice([0, 2])
+        add(f"{names[i]} extended", groups=replaced(i, strings[i] + junk))
+    add("all 0xff y", groups=replaced(0, b"\xff" * len(strings[0])))
+    add("all 0xff z", groups=replaced(1, b"\xff" * len(strings[1])))
+    add("no cell map", groups=replaced(2, b""))
+    add("cell map of all ROI", groups=replaced(2, zlib.compress(b"\xff" * (len(zlib.decompress(cells)) if cells
+                                                                          else 64))))
+    add("cell map inflating to 256 MB", groups=replaced(2, zlib.compress(bytes(1 << 28), 9)))
     add("swapped strings", groups=[[s] for s in reversed(strings)])
     return cases
 

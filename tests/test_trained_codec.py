@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.codec.coding import bits_per_pixel, decode, encode, encode_at_target_bpp
+from pipeline.codec.coding import decode, encode
 from pipeline.eval.metrics import roi_psnr
 from pipeline.train.loss import bits_per_pixel as estimated_bpp
 
@@ -50,37 +50,33 @@ def roi_and_background_bits(model, x: torch.Tensor, m: torch.Tensor, q: float, r
 
 @pytest.mark.parametrize("variant", TRAINED)
 @pytest.mark.parametrize("rate", [0.3, 0.7])
-def test_lower_roi_quality_moves_bits_into_the_roi(trained, rate, variant):
-    """Same model, same file size: --roi-quality 0.1 instead of 1 spends more of the latent's
-    bits in the ROI and fewer in the background, raises ROI PSNR and lowers non-ROI PSNR (bits
-    move into the ROI, they are not just added or removed).
+def test_lower_roi_quality_takes_bits_from_the_background_only(trained, rate, variant):
+    """Same model, same rate: --roi-quality 0.1 instead of 1 codes the background's latents
+    with a step of 10, so the file shrinks to well under half, the bits it loses are the
+    background's, the ROI keeps its PSNR and the background loses some.
 
-    The uniform file is encoded at ``rate``; the focused one at the rate whose file is the
-    largest not above the uniform file's size (``--target-bpp``). A tiny model trained for
-    1000 steps is noisy image by image, so the claim is checked on the mean over 8 images.
-    Seen at rate 0.3 / 0.7: sft ROI +0.34 / +0.40 dB, non-ROI -0.39 / -0.36 dB, ROI bits
-    x1.022 / x1.026, background bits x0.998 / x0.995; swin ROI +0.12 / +0.05 dB, non-ROI
-    -0.87 / -0.85 dB, ROI bits x1.10 / x1.03, background x0.985 / x0.996 (its steps learn less:
-    after 1000 of them its ROI PSNR barely rises with the rate, so the ROI's extra bits buy
-    little PSNR yet; sft is held to the stronger 0.15 dB).
+    (Before the background's quantisation steps, the same test held the file size fixed and
+    saw ROI +0.34 / +0.40 dB for x1.02 ROI bits: the knob moved little. Now, at rate 0.3 /
+    0.7, sft: file x0.28 / x0.31, ROI -0.04 / +0.25 dB, non-ROI -8.2 / -4.3 dB; at Q = 0.1
+    even rate 1's file is smaller than the uniform one at rate 0.3, so a fixed file size is
+    out of reach.) A tiny model trained for 1000 steps is noisy image by image, so the claim
+    is checked on the mean over 8 images.
     """
     model = trained(variant)
-    roi_gain, nonroi_loss, size_ratio, roi_bits, background_bits = [], [], [], [], []
+    roi_change, nonroi_loss, size_ratio, roi_bits, background_bits = [], [], [], [], []
     for seed in IMAGES:
         x, m = image_and_mask(256, 256, seed=seed, n_objects=3)
-        uniform = encode(model, x, m, 1.0, rate)
-        focused, focused_rate = encode_at_target_bpp(model, x, m, 0.1, bits_per_pixel(uniform, 256, 256))
+        uniform, focused = encode(model, x, m, 1.0, rate), encode(model, x, m, 0.1, rate)
         roi_u, non_u = roi_psnr(x, decode(model, uniform), m)
         roi_f, non_f = roi_psnr(x, decode(model, focused), m)
-        roi_gain.append(roi_f - roi_u)
+        roi_change.append(roi_f - roi_u)
         nonroi_loss.append(non_u - non_f)
         size_ratio.append(len(focused) / len(uniform))
-        bits_u, bits_f = roi_and_background_bits(model, x, m, 1.0, rate), roi_and_background_bits(
-            model, x, m, 0.1, focused_rate)
+        bits_u, bits_f = (roi_and_background_bits(model, x, m, q, rate) for q in (1.0, 0.1))
         roi_bits.append(bits_f[0] / bits_u[0])
         background_bits.append(bits_f[1] / bits_u[1])
     mean = lambda v: sum(v) / len(v)  # noqa: E731
-    assert 0.9 < mean(size_ratio) <= 1.0, size_ratio
-    assert mean(roi_bits) > 1.0 and mean(background_bits) < 1.0, (roi_bits, background_bits)
-    assert mean(nonroi_loss) > 0.15, nonroi_loss
-    assert mean(roi_gain) > (0.15 if variant == "sft" else 0.0), roi_gain
+    assert mean(size_ratio) < 0.5, size_ratio
+    assert mean(background_bits) < 0.3 and mean(roi_bits) > 0.7, (roi_bits, background_bits)
+    assert mean(nonroi_loss) > 1.0, nonroi_loss
+    assert mean(roi_change) > -0.3, roi_change

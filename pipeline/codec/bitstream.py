@@ -14,11 +14,14 @@ Layout (little-endian)::
 
 The CRC makes truncation and flipped bytes anywhere a clean :class:`BitstreamError`
 before any entropy decoding runs; the fingerprint makes decoding with another
-checkpoint a clear error too. The decoder needs no mask.
+checkpoint a clear error too. The decoder needs no mask: a version 3 file carries three
+string groups, y, z and the map of ROI cells that sets the latents' quantisation steps
+(:mod:`pipeline.codec.steps`; an empty string when every step is 1).
 
-Version 2 files are portable: the coding tables are selected by integer-exact arithmetic
-(:mod:`pipeline.codec.integer`), so they decode to the same symbols on every machine.
-Version 1 files (float table selection) are refused with a clear error. The CRC catches
+Files from version 2 on are portable: the coding tables are selected by integer-exact
+arithmetic (:mod:`pipeline.codec.integer`), so they decode to the same symbols on every
+machine. Version 2 files (two groups, y and z: quantisation step 1 everywhere) still
+decode; version 1 files (float table selection) are refused with a clear error. The CRC catches
 damage, not a crafted file: :func:`pipeline.codec.coding.decode` also limits the declared
 pixel count and turns any failure while decoding into a :class:`BitstreamError`.
 """
@@ -30,7 +33,8 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"ROIC"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 FINGERPRINT_BYTES = 8
 MAX_SIDE = 1 << 16
 # The decoder's default pixel limit, like Pillow's decompression-bomb guard: far above a
@@ -52,6 +56,7 @@ class RoicHeader:
     height: int
     rate: float
     roi_quality: float
+    version: int = FORMAT_VERSION
 
 
 def pack(header: RoicHeader, groups: list[list[bytes]]) -> bytes:
@@ -62,7 +67,7 @@ def pack(header: RoicHeader, groups: list[list[bytes]]) -> bytes:
     if not (0 < header.width <= MAX_SIDE and 0 < header.height <= MAX_SIDE):
         raise ValueError(f"image size {header.width}x{header.height} outside 1..{MAX_SIDE}")
     return serialize(name, header.fingerprint, header.width, header.height, header.rate,
-                     header.roi_quality, groups)
+                     header.roi_quality, groups, header.version)
 
 
 def serialize(name: bytes, fingerprint: bytes, width: int, height: int, rate: float, roi_quality: float,
@@ -105,10 +110,10 @@ def unpack(data: bytes) -> tuple[RoicHeader, list[list[bytes]]]:
     r = _Reader(body)
     r.take(len(MAGIC))
     version, name_len = r.unpack("<BB")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         hint = " (not portable across machines: re-encode the image)" if version == 1 else ""
         raise BitstreamError(f"unsupported .roic format version {version}{hint}; "
-                             f"this build reads version {FORMAT_VERSION}")
+                             f"this build reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     try:
         variant = r.take(name_len).decode("ascii")
     except UnicodeDecodeError as exc:
@@ -127,4 +132,4 @@ def unpack(data: bytes) -> tuple[RoicHeader, list[list[bytes]]]:
     groups = [[r.take(n) for n in group] for group in lengths]
     if r.pos != len(body):
         raise BitstreamError("corrupted .roic file (trailing bytes)")
-    return RoicHeader(variant, fingerprint, width, height, rate, roi_quality), groups
+    return RoicHeader(variant, fingerprint, width, height, rate, roi_quality, version), groups

@@ -67,7 +67,7 @@ def decode(model: ROICodec, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise BitstreamError("file was encoded with a different checkpoint "
                              f"(fingerprint {header.fingerprint.hex()}, "
                              f"loaded {fingerprint(model).hex()})")
-    if len(groups) != 2 or any(len(g) != 1 for g in groups):
+    if len(groups) != (2 if header.version == 2 else 3) or any(len(g) != 1 for g in groups):
         raise BitstreamError("corrupted .roic file (unexpected string layout)")
     if header.width * header.height > max_pixels:
         raise BitstreamError(f".roic header declares {header.width}x{header.height} pixels, more than "
@@ -76,7 +76,7 @@ def decode(model: ROICodec, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     if float64:
         model = copy.deepcopy(model).double()
     try:
-        x_hat = model.decompress(groups, shape, header.rate)["x_hat"]
+        x_hat = model.decompress(groups, shape, header.rate, header.roi_quality)["x_hat"]
     except Exception as exc:  # the entropy decoder or the transforms choked on crafted data
         raise BitstreamError(f"corrupted .roic payload ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else 'no message'})") from exc

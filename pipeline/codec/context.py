@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from pipeline.codec.entropy import pad_for_decoding
 from pipeline.codec.integer import ACT_MAX, IntegerNetwork, change_frac
+from pipeline.codec.steps import STEP_ONE, stepped_scales, to_steps
 
 Y_FRAC = 8  # fraction bits of the decoded latent and of the means on the integer path
 STEPS = ("anchor", "non_anchor")
@@ -60,25 +61,63 @@ def split_params(params: Tensor, per_channel: int) -> tuple[Tensor, Tensor, Tens
     return parts[0], parts[1], parts[2] if per_channel == 3 else None
 
 
+def stepped(entropy_model: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]], y: Tensor, scales: Tensor,
+            means: Tensor, steps: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``entropy_model(y, scales, means) -> (y_hat, likelihoods)`` with quantisation ``steps``
+    (None: 1): it sees ``(y - means) / steps`` under ``scales / steps`` (a location-scale
+    family, so a bin of width 1 there is a bin of width ``step`` around the mean), and
+    ``y_hat`` is mapped back."""
+    if steps is None:
+        return entropy_model(y, scales, means)
+    y_hat, likelihoods = entropy_model((y - means) / steps, scales / steps, torch.zeros_like(means))
+    return y_hat * steps + means, likelihoods
+
+
+def quantize_stepped(y: Tensor, means: Tensor, steps: Tensor | None) -> Tensor:
+    """``round((y - means) / steps) * steps + means`` with a straight-through gradient."""
+    if steps is None:
+        return quantize_ste(y - means) + means
+    return quantize_ste((y - means) / steps) * steps + means
+
+
 class _GroupLeaf(LatentCodec):
     """One group's entropy model in training: the model's likelihood on its channels and
-    ``y_hat = round(y - means) + means`` with a straight-through gradient."""
+    ``y_hat = round((y - means) / step) * step + means`` with a straight-through gradient."""
 
     def __init__(self, first: int, end: int, per_channel: int) -> None:
         super().__init__()
         self.first, self.end, self.per_channel = first, end, per_channel
         self.likelihood: Likelihood | None = None  # bound by ContextLatentCodec.forward for one call
+        self.steps: Tensor | None = None  # likewise: the quantisation steps (None: 1)
 
     def forward(self, y: Tensor, params: Tensor) -> dict[str, Any]:
         if self.likelihood is None:
             raise RuntimeError("a context group's leaf runs only inside ContextLatentCodec.forward")
         scales, means, raw = split_params(params, self.per_channel)
-        likelihoods = self.likelihood(y, scales, means, raw, self.first, self.end)
-        return {"likelihoods": {"y": likelihoods}, "y_hat": quantize_ste(y - means) + means}
+        likelihood = self.likelihood
+        y_hat, likelihoods = stepped(lambda v, s, m: (v, likelihood(v, s, m, raw, self.first, self.end)),
+                                     y, scales, means, self.steps)
+        return {"likelihoods": {"y": likelihoods}, "y_hat": quantize_stepped(y, means, self.steps)}
 
     def _chunk(self, params: Tensor) -> tuple[Tensor, Tensor]:  # used by CheckerboardLatentCodec
         scales, means, _ = split_params(params, self.per_channel)
         return scales, means
+
+
+class _SteppedCheckerboard(CheckerboardLatentCodec):
+    """CompressAI's checkerboard codec whose training pass quantises the anchors (the
+    non-anchors' context) with the leaf's quantisation steps, as the coder does."""
+
+    def _forward_twopass_faster(self, y: Tensor, side_params: Tensor) -> dict[str, Any]:
+        leaf = self.latent_codec["y"]
+        params = self._keep_only(self.entropy_parameters(self.merge(self._y_ctx_zero(y), side_params)), "anchor")
+        _, means = leaf._chunk(params)
+        y_hat_anchors = self._keep_only(quantize_stepped(y, means, leaf.steps), "anchor")
+        y_ctx = self._keep_only(self.context_prediction(y_hat_anchors), "non_anchor")
+        y_out = leaf(y, self.entropy_parameters(self.merge(y_ctx, side_params)))
+        y_hat = y_out["y_hat"]
+        self._copy(y_hat, y_hat_anchors, "anchor")
+        return {"likelihoods": {"y": y_out["likelihoods"]["y"]}, "y_hat": y_hat}
 
 
 class ContextLatentCodec(nn.Module):
@@ -104,7 +143,7 @@ class ContextLatentCodec(nn.Module):
                                    conv(hidden, 2 * groups[k], kernel_size=5, stride=1))
             for k in range(1, len(groups))}
         group_codecs = {
-            f"y{k}": CheckerboardLatentCodec(
+            f"y{k}": _SteppedCheckerboard(
                 latent_codec={"y": self.leaves[k]}, forward_method="twopass_faster",  # any parameter count
                 context_prediction=CheckerboardMaskedConv2d(g, 2 * g, kernel_size=5, stride=1, padding=2),
                 entropy_parameters=sequential_channel_ramp(
@@ -126,15 +165,17 @@ class ContextLatentCodec(nn.Module):
         return [self.codec.latent_codec[f"y{k}"] for k in range(len(self.groups))]
 
     # -- training --------------------------------------------------------------------
-    def forward(self, y: Tensor, side: Tensor, likelihood: Likelihood) -> tuple[Tensor, Tensor]:
-        """``(y_hat, likelihoods)`` of y given the side parameters, as CompressAI's codecs compute them."""
+    def forward(self, y: Tensor, side: Tensor, likelihood: Likelihood, steps: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """``(y_hat, likelihoods)`` of y given the side parameters, as CompressAI's codecs compute
+        them; ``steps`` the quantisation steps per latent cell (None: 1)."""
         for leaf in self.leaves:
-            leaf.likelihood = likelihood
+            leaf.likelihood, leaf.steps = likelihood, steps
         try:
             out = self.codec(y, side)
         finally:
             for leaf in self.leaves:
-                leaf.likelihood = None
+                leaf.likelihood, leaf.steps = None, None
         return out["y_hat"], out["likelihoods"]["y"]
 
     # -- integer coding path ---------------------------------------------------------
@@ -194,9 +235,10 @@ class ContextLatentCodec(nn.Module):
     def code(self, side_int: Tensor, side_frac: int, entropy_model: nn.Module,
              table_indexes: Callable[[nn.Module, Tensor, Tensor | None], Tensor],
              y: Tensor | None = None, strings: list[bytes] | None = None,
-             dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+             dtype: torch.dtype = torch.float32, quarters: Tensor | None = None) -> dict[str, Any]:
         """Encode ``y`` or decode ``strings`` (one per batch item), group by group and anchors
-        before non-anchors, on the integer path.
+        before non-anchors, on the integer path; ``quarters`` the quantisation steps per latent
+        cell in quarters (:mod:`pipeline.codec.steps`; None: step 1).
 
         Returns ``strings`` (when encoding), ``y_hat`` (symbols + means, what the synthesis
         sees), and the coded state ``indexes`` and ``symbols`` (full latent grids).
@@ -215,6 +257,8 @@ class ContextLatentCodec(nn.Module):
             coders = [RansDecoder() for _ in range(n)]
             for coder, string in zip(coders, strings):
                 coder.set_stream(pad_for_decoding(string, symbols[0].numel()))
+        quarter_halves = None if quarters is None else self._group_codecs()[0].unembed(
+            quarters.to(torch.float64).expand(n, 1, h, w))
         for k, ((first, end), cb) in enumerate(zip(self.bounds, self._group_codecs())):
             frac = int(self.input_fracs[k])
             side_k = change_frac(side_int, side_frac, frac)
@@ -231,18 +275,23 @@ class ContextLatentCodec(nn.Module):
                 inputs = cb.unembed(torch.cat([t for t in (spatial, channel, side_k) if t is not None], 1))[i]
                 params_net = self.int_entropy_parameters[k]
                 scales_int, means_int, raw_int = split_params(params_net(inputs), self.per_channel)
+                step_q = None if quarter_halves is None else quarter_halves[i]
+                if step_q is not None:
+                    scales_int = stepped_scales(scales_int, step_q)
                 idx = table_indexes(self.table_indexes[k], scales_int, raw_int)
                 means_q = change_frac(means_int, params_net.output_frac, Y_FRAC)
                 means = (means_q * 2.0 ** -Y_FRAC).to(dtype)
+                step = 1.0 if step_q is None else to_steps(step_q, dtype)
                 if strings is None:
-                    sym = torch.round(cb.unembed(y[:, first:end])[i] - means).to(torch.float64)
+                    sym = torch.round((cb.unembed(y[:, first:end])[i] - means) / step).to(torch.float64)
                     for b, coder in enumerate(coders):
                         entropy_model.encode_into(coder, sym[b], idx[b])
                 else:
                     sym = torch.stack([entropy_model.decode_from(coder, idx[b])
                                        for b, coder in enumerate(coders)]).to(torch.float64)
-                halves["int"][i] = (sym * 2.0 ** Y_FRAC + means_q).clamp(-ACT_MAX, ACT_MAX)
-                halves["hat"][i] = sym.to(dtype) + means
+                sym_q = sym if step_q is None else sym * step_q / STEP_ONE  # exact: whole quarters
+                halves["int"][i] = (sym_q * 2.0 ** Y_FRAC + means_q).clamp(-ACT_MAX, ACT_MAX)
+                halves["hat"][i] = sym.to(dtype) * step + means
                 halves["idx"][i], halves["sym"][i] = idx, sym
                 y_int[:, first:end] = cb.embed(halves["int"])
             y_hat[:, first:end] = cb.embed(halves["hat"])

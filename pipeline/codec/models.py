@@ -44,13 +44,14 @@ from compressai.models.base import get_scale_table
 from compressai.models.utils import conv, deconv
 from torch import nn
 
-from pipeline.codec.context import ContextLatentCodec, default_groups
+from pipeline.codec.context import ContextLatentCodec, default_groups, split_params, stepped
 from pipeline.codec.entropy import (CompactGaussianConditional, GeneralizedGaussianConditional, pad_for_decoding,
                                     std_factor)
 from pipeline.codec.integer import (GaussianTableIndex, GeneralizedGaussianTableIndex, IntegerHyperSynthesis,
                                     hyper_latent_samples)
 from pipeline.codec.layers import (SFT, GainUnits, LatentMaskAttention, MaskImageCondition,
                                    RateLike, hyper_condition, pool_mask)
+from pipeline.codec.steps import CELL, pack_cells, roi_cells, step_map, stepped_scales, to_steps, unpack_cells
 from pipeline.codec.swin import Downsample, PatchSplit, SwinHyperAnalysis, SwinStage
 from pipeline.masks.ops import assign_nonroi_value
 
@@ -193,25 +194,20 @@ class ROICodec(CompressionModel):
         """Likelihoods of channels ``first..end`` of y under the entropy model (context model, training)."""
         return self.gaussian_conditional(y, scales, means=means)[1]
 
-    def _hyperprior_forward(self, y: torch.Tensor, z_hat: torch.Tensor):
+    def _hyperprior_forward(self, y: torch.Tensor, z_hat: torch.Tensor, steps: torch.Tensor | None = None):
         scales, means = self.h_s(z_hat).chunk(2, 1)
-        return self.gaussian_conditional(y, scales, means=means)
+        return stepped(lambda v, s, m: self.gaussian_conditional(v, s, means=m), y, scales, means, steps)
 
-    def _latent_forward(self, y: torch.Tensor, z_hat: torch.Tensor):
+    def _latent_forward(self, y: torch.Tensor, z_hat: torch.Tensor, steps: torch.Tensor | None = None):
+        """``(y_hat, likelihoods)``; ``steps`` the quantisation steps per latent cell (None: 1)."""
         if self.context is not None:
-            return self.context(y, self.h_s(z_hat), self.context_likelihood)
-        return self._hyperprior_forward(y, z_hat)
+            return self.context(y, self.h_s(z_hat), self.context_likelihood, steps)
+        return self._hyperprior_forward(y, z_hat, steps)
 
     @property
     def latent_entropy_model(self) -> nn.Module:
         """The entropy model that codes y (its ``compress``/``decompress`` take table indexes)."""
         return self.gaussian_conditional
-
-    def _entropy_parameters(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """y's table indexes (integer-exact) and means, from the integer hyper-decoder."""
-        params = self.hyper_int(self.hyper_symbols(z_hat))
-        scales_int, means_int = params.chunk(2, 1)
-        return self.table_index(scales_int), self._from_fixed(means_int, z_hat.dtype)
 
     def float_entropy_parameters(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pre-portability path, kept for comparison: table indexes from the float
@@ -232,21 +228,37 @@ class ROICodec(CompressionModel):
         return self.context.code(side, self.hyper_int.output_frac, self.latent_entropy_model, self._group_indexes,
                                  dtype=z_hat.dtype, **kw)
 
-    def _latent_compress(self, y: torch.Tensor, z_hat: torch.Tensor) -> list[bytes]:
-        """y's strings (one per batch item)."""
-        if self.context is not None:
-            return self._context_code(z_hat, y=y)["strings"]
-        indexes, means = self._entropy_parameters(z_hat)
-        return self.latent_entropy_model.compress(y, indexes, means=means.to(y.dtype))
+    def _entropy_parameters(self, z_hat: torch.Tensor, quarters: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """y's table indexes (integer-exact, for the scales over ``quarters / 4`` when given) and
+        means, from the integer hyper-decoder."""
+        params = self.hyper_int(self.hyper_symbols(z_hat))
+        scales_int, means_int, raw_int = split_params(params, self._params_per_channel())
+        if quarters is not None:
+            scales_int = stepped_scales(scales_int, quarters)
+        return self._group_indexes(self.table_index, scales_int, raw_int), self._from_fixed(means_int, z_hat.dtype)
 
-    def decode_latent(self, strings: list[bytes], z_hat: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _latent_compress(self, y: torch.Tensor, z_hat: torch.Tensor, quarters: torch.Tensor | None = None
+                         ) -> list[bytes]:
+        """y's strings (one per batch item); ``quarters`` the quantisation steps (None: 1)."""
+        if self.context is not None:
+            return self._context_code(z_hat, y=y, quarters=quarters)["strings"]
+        indexes, means = self._entropy_parameters(z_hat, quarters)
+        means = means.to(y.dtype)
+        if quarters is None:
+            return self.latent_entropy_model.compress(y, indexes, means=means)
+        return self.latent_entropy_model.compress((y - means) / to_steps(quarters, y.dtype), indexes)
+
+    def decode_latent(self, strings: list[bytes], z_hat: torch.Tensor, quarters: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:
         """y from its strings: ``y_hat`` and the coded state (``indexes``, ``symbols``)."""
         if self.context is not None:
-            return self._context_code(z_hat, strings=strings)
-        indexes, means = self._entropy_parameters(z_hat)
+            return self._context_code(z_hat, strings=strings, quarters=quarters)
+        indexes, means = self._entropy_parameters(z_hat, quarters)
         strings = [pad_for_decoding(s, indexes[0].numel()) for s in strings]
-        y_hat = self.latent_entropy_model.decompress(strings, indexes, z_hat.dtype, means=means)
-        return {"y_hat": y_hat, "indexes": indexes, "symbols": torch.round(y_hat.double() - means.double())}
+        symbols = self.latent_entropy_model.decompress(strings, indexes, z_hat.dtype)
+        step = 1.0 if quarters is None else to_steps(quarters, z_hat.dtype)
+        return {"y_hat": symbols * step + means, "indexes": indexes, "symbols": symbols.double()}
 
     # -- shared plumbing -------------------------------------------------------------
     def update(self, scale_table: torch.Tensor | None = None, force: bool = False,
@@ -308,18 +320,22 @@ class ROICodec(CompressionModel):
         rounding around the predicted means in eval mode)."""
         y = self._encode_latent(x, mask, roi_quality, rate).float()
         z = self.h_a(y)
+        quarters = None if mask is None else step_map(roi_cells(mask, y.shape[-2:]), roi_quality)
         with torch.autocast(x.device.type, enabled=False):  # entropy models in float32
             z_hat, z_likelihoods = self.entropy_bottleneck(z.float())
-            y_hat, y_likelihoods = self._latent_forward(y, z_hat)
+            y_hat, y_likelihoods = self._latent_forward(y, z_hat, None if quarters is None
+                                                        else to_steps(quarters, y.dtype))
         x_hat = self.synthesis(self.gain.inverse(y_hat, rate), z_hat)
         return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
 
     @torch.no_grad()
     def compress(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                  roi_quality: RateLike = 1.0, rate: RateLike = 1.0) -> dict[str, Any]:
-        """Entropy-code x: ``{"strings": [y_strings, z_strings], "shape": z_hw}``.
+        """Entropy-code x: ``{"strings": [y_strings, z_strings, cell_strings], "shape": z_hw}``.
 
-        x of any size is replicate-padded to the stride; crop the decoded image.
+        x of any size is replicate-padded to the stride; crop the decoded image. The third
+        group is each image's map of ROI cells (:mod:`pipeline.codec.steps`), empty when every
+        latent is quantised with step 1 (no mask, or Q = 1).
         """
         x = pad_to_multiple(x, self.stride)
         if mask is not None:
@@ -328,15 +344,31 @@ class ROICodec(CompressionModel):
         z = self.h_a(y)
         z_strings = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.size()[-2:])
-        return {"strings": [self._latent_compress(y, z_hat), z_strings], "shape": z.size()[-2:]}
+        cells = None if mask is None else roi_cells(mask, y.shape[-2:])
+        quarters = None if cells is None else step_map(cells, roi_quality)
+        cell_strings = [b""] * len(x) if quarters is None else [pack_cells(c) for c in cells]
+        return {"strings": [self._latent_compress(y, z_hat, quarters), z_strings, cell_strings],
+                "shape": z.size()[-2:]}
+
+    def coded_steps(self, cell_strings: list[bytes], shape: tuple[int, int] | torch.Size,
+                    roi_quality: RateLike) -> torch.Tensor | None:
+        """The quantisation steps (in quarters) of coded ROI cell maps on a hyper-latent grid
+        of ``shape``; None when the maps are empty (step 1 everywhere)."""
+        if all(not s for s in cell_strings):
+            return None
+        grid = (shape[0] * self.stride // CELL, shape[1] * self.stride // CELL)
+        cells = torch.cat([unpack_cells(s, grid) for s in cell_strings])
+        return step_map(cells.to(self.entropy_bottleneck.quantiles.device), roi_quality)
 
     @torch.no_grad()
     def decompress(self, strings: list[list[bytes]], shape: tuple[int, int] | torch.Size,
-                   rate: RateLike = 1.0) -> dict[str, torch.Tensor]:
-        """Rebuild the (padded) image from the strings; no mask needed."""
+                   rate: RateLike = 1.0, roi_quality: RateLike = 1.0) -> dict[str, torch.Tensor]:
+        """Rebuild the (padded) image from the strings (two groups: no ROI cell map, step 1
+        everywhere); no mask needed, ``roi_quality`` the file's Q (its background step)."""
         z_strings = [pad_for_decoding(s, self.N * shape[0] * shape[1]) for s in strings[1]]
         z_hat = self.entropy_bottleneck.decompress(z_strings, shape)
-        y_hat = self.decode_latent(strings[0], z_hat)["y_hat"]
+        quarters = self.coded_steps(strings[2], shape, roi_quality) if len(strings) > 2 else None
+        y_hat = self.decode_latent(strings[0], z_hat, quarters)["y_hat"]
         x_hat = self.synthesis(self.gain.inverse(y_hat, rate), z_hat).clamp_(0, 1)
         return {"x_hat": x_hat}
 
@@ -542,21 +574,13 @@ class GGMCodec(SFTCodec):
             (scales, means), raw = params.chunk(2, 1), self.beta_logits.expand_as(params[:, :self.M])
         return scales, means, self.gg_conditional.bound_beta(raw)
 
-    def _hyperprior_forward(self, y: torch.Tensor, z_hat: torch.Tensor):
+    def _hyperprior_forward(self, y: torch.Tensor, z_hat: torch.Tensor, steps: torch.Tensor | None = None):
         scales, means, betas = self._gg_params(z_hat)
-        return self.gg_conditional(y, scales, betas, means=means)
+        return stepped(lambda v, s, m: self.gg_conditional(v, s, betas, means=m), y, scales, means, steps)
 
     @property
     def latent_entropy_model(self) -> nn.Module:
         return self.gg_conditional
-
-    def _entropy_parameters(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        params = self.hyper_int(self.hyper_symbols(z_hat))
-        if self.beta_mode == "element":
-            scales_int, means_int, raw_int = params.chunk(3, 1)
-        else:
-            (scales_int, means_int), raw_int = params.chunk(2, 1), None
-        return self.table_index(scales_int, raw_int), self._from_fixed(means_int, z_hat.dtype)
 
     def float_entropy_parameters(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scales, means, betas = self._gg_params(z_hat)

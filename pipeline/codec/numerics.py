@@ -27,8 +27,10 @@ def coded_state(model: ROICodec, data: bytes) -> tuple[Tensor, Tensor]:
     """The table indexes and decoded y symbols of a ``.roic`` file: what the entropy coder sees."""
     header, groups = unpack(data)
     with torch.no_grad():
-        z_hat = model.entropy_bottleneck.decompress(groups[1], hyper_latent_shape(model, header))
-        state = model.decode_latent(groups[0], z_hat)
+        shape = hyper_latent_shape(model, header)
+        z_hat = model.entropy_bottleneck.decompress(groups[1], shape)
+        quarters = model.coded_steps(groups[2], shape, header.roi_quality) if len(groups) > 2 else None
+        state = model.decode_latent(groups[0], z_hat, quarters)
     return state["indexes"], state["symbols"]
 
 

@@ -1,0 +1,82 @@
+"""Spatial quantisation steps: the ROI's latents quantised finely, the background's coarsely.
+
+The non-ROI value Q sets one quantisation step for every latent cell outside the ROI,
+``1 / Q`` times the ROI's (in quarters, at most :data:`MAX_QUARTERS` / 4 = 16); a cell is ROI
+when any of its 16x16 pixels has a mask value >= 0.5. The entropy model then codes
+``(y - mean) / step`` under ``scale / step`` and the decoder rebuilds ``symbol * step + mean``
+(variable-rate quantisation per region, as a quality map does in spatially adaptive codecs):
+with Q = 0.1 most background symbols are 0 and cost almost nothing, whatever the transforms
+learned. Q = 1 (or no mask) is step 1 everywhere, the plain codec.
+
+The decoder needs the map of ROI cells, so it travels in the ``.roic`` file: one bit per
+cell, packed and deflated (:func:`pack_cells`); the step comes from Q in the header. Steps
+are whole quarters so that the table index (``scale_int * 4 // quarters``) and the context
+model's fixed-point latent (``symbol * quarters * 2^frac / 4 + mean``) stay integer-exact.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+STEP_ONE = 4  # quarters in a step of 1
+MAX_QUARTERS = 64  # the coarsest background step: 16
+CELL = 16  # pixels per latent cell side (the analysis transform's stride)
+ROI_THRESHOLD = 0.5
+
+
+def background_quarters(roi_quality: float | Tensor) -> Tensor:
+    """The background's step in quarters for each Q: ``round(4 / Q)`` within ``[4, 64]`` (int64)."""
+    q = torch.as_tensor(roi_quality, dtype=torch.float64).reshape(-1)
+    return torch.round(STEP_ONE / q.clamp_min(STEP_ONE / MAX_QUARTERS)).clamp(STEP_ONE, MAX_QUARTERS).long()
+
+
+def roi_cells(mask: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Which latent cells hold ROI (B,1,h,w bool): any pixel of the cell at >= 0.5."""
+    pooled = F.adaptive_max_pool2d(mask.float(), grid)
+    return pooled >= ROI_THRESHOLD
+
+
+def step_map(cells: Tensor, roi_quality: float | Tensor) -> Tensor | None:
+    """Quarters per latent cell (B,1,h,w float): 4 in the ROI cells, the background's step
+    elsewhere; None when every step is 1 (no mask effect: the plain codec)."""
+    background = background_quarters(roi_quality).to(cells.device)
+    if bool((background == STEP_ONE).all()) or bool(cells.all()):
+        return None
+    background = background.view(-1, 1, 1, 1).to(torch.float32).expand(cells.shape[0], 1, 1, 1)
+    return torch.where(cells, torch.full_like(background, float(STEP_ONE)), background)
+
+
+def to_steps(quarters: Tensor, dtype: torch.dtype) -> Tensor:
+    """Quarters as step sizes (exact: whole quarters)."""
+    return (quarters / STEP_ONE).to(dtype)
+
+
+def stepped_scales(scales_int: Tensor, quarters: Tensor) -> Tensor:
+    """Integer scale parameters divided by the step, truncated: ``scale_int * 4 // quarters`` (exact)."""
+    return torch.div(scales_int * STEP_ONE, quarters.to(scales_int.dtype), rounding_mode="trunc")
+
+
+def pack_cells(cells: Tensor) -> bytes:
+    """One image's ROI cells (1,h,w or h,w bool) as deflated packed bits."""
+    bits = np.packbits(cells.reshape(-1).cpu().numpy().astype(np.uint8))
+    return zlib.compress(bits.tobytes(), 9)
+
+
+def unpack_cells(data: bytes, grid: tuple[int, int]) -> Tensor:
+    """The (1,1,h,w) bool map of :func:`pack_cells`; ``ValueError`` for data that is not one."""
+    h, w = grid
+    expected = (h * w + 7) // 8
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(data, expected + 1)  # never inflates more than one map's worth
+    except zlib.error as exc:
+        raise ValueError(f"ROI cell map does not inflate ({exc})") from exc
+    if len(raw) != expected or not inflater.eof or inflater.unused_data:
+        raise ValueError(f"ROI cell map of {len(raw)} bytes, expected {expected} for {h}x{w} cells")
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:h * w]
+    return torch.from_numpy(bits.astype(bool)).reshape(1, 1, h, w)
