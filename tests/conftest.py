@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.codec.models import MODELS, ROICodec, build_model, pad_to_multiple
-from pipeline.codec.steps import roi_cells, step_map
+from pipeline.codec.steps import roi_cells, step_map, to_steps
 from pipeline.data.samples import objects_mask, photo_like_image
 from pipeline.train.local import train_local
 
@@ -86,7 +86,7 @@ def encoder_side(model: ROICodec, x: torch.Tensor, m: torch.Tensor | None, q: fl
             state = model._context_code(z_hat, y=y, quarters=quarters)
         else:  # what GaussianConditional.compress / decompress do around the integer path's means
             indexes, means = model._entropy_parameters(z_hat, quarters)
-            step = 1.0 if quarters is None else quarters / 4
+            step = 1.0 if quarters is None else to_steps(quarters, y.dtype)
             symbols = torch.round((y - means) / step)
             state = {"y_hat": symbols * step + means, "indexes": indexes, "symbols": symbols.double()}
         state["x_hat"] = model.synthesis(model.gain.inverse(state["y_hat"], rate), z_hat).clamp(0, 1)

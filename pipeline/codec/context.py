@@ -32,12 +32,11 @@ from compressai.latent_codecs import ChannelGroupsLatentCodec, CheckerboardLaten
 from compressai.layers import CheckerboardMaskedConv2d
 from compressai.layers.layers import sequential_channel_ramp
 from compressai.models.utils import conv
-from compressai.ops import quantize_ste
 from torch import Tensor, nn
 
 from pipeline.codec.entropy import pad_for_decoding
 from pipeline.codec.integer import ACT_MAX, IntegerNetwork, change_frac
-from pipeline.codec.steps import STEP_ONE, stepped_scales, to_steps
+from pipeline.codec.steps import STEP_ONE, quantize_stepped, stepped, stepped_scales, to_steps
 
 Y_FRAC = 8  # fraction bits of the decoded latent and of the means on the integer path
 STEPS = ("anchor", "non_anchor")
@@ -59,25 +58,6 @@ def split_params(params: Tensor, per_channel: int) -> tuple[Tensor, Tensor, Tens
     """(scales, means, raw shapes or None) of a group's entropy parameters."""
     parts = params.chunk(per_channel, 1)
     return parts[0], parts[1], parts[2] if per_channel == 3 else None
-
-
-def stepped(entropy_model: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]], y: Tensor, scales: Tensor,
-            means: Tensor, steps: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``entropy_model(y, scales, means) -> (y_hat, likelihoods)`` with quantisation ``steps``
-    (None: 1): it sees ``(y - means) / steps`` under ``scales / steps`` (a location-scale
-    family, so a bin of width 1 there is a bin of width ``step`` around the mean), and
-    ``y_hat`` is mapped back."""
-    if steps is None:
-        return entropy_model(y, scales, means)
-    y_hat, likelihoods = entropy_model((y - means) / steps, scales / steps, torch.zeros_like(means))
-    return y_hat * steps + means, likelihoods
-
-
-def quantize_stepped(y: Tensor, means: Tensor, steps: Tensor | None) -> Tensor:
-    """``round((y - means) / steps) * steps + means`` with a straight-through gradient."""
-    if steps is None:
-        return quantize_ste(y - means) + means
-    return quantize_ste((y - means) / steps) * steps + means
 
 
 class _GroupLeaf(LatentCodec):

@@ -44,14 +44,15 @@ from compressai.models.base import get_scale_table
 from compressai.models.utils import conv, deconv
 from torch import nn
 
-from pipeline.codec.context import ContextLatentCodec, default_groups, split_params, stepped
+from pipeline.codec.context import ContextLatentCodec, default_groups, split_params
 from pipeline.codec.entropy import (CompactGaussianConditional, GeneralizedGaussianConditional, pad_for_decoding,
                                     std_factor)
 from pipeline.codec.integer import (GaussianTableIndex, GeneralizedGaussianTableIndex, IntegerHyperSynthesis,
                                     hyper_latent_samples)
 from pipeline.codec.layers import (SFT, GainUnits, LatentMaskAttention, MaskImageCondition,
                                    RateLike, hyper_condition, pool_mask)
-from pipeline.codec.steps import CELL, pack_cells, roi_cells, step_map, stepped_scales, to_steps, unpack_cells
+from pipeline.codec.steps import (CELL, pack_cells, roi_cells, step_map, stepped, stepped_scales, to_steps,
+                                  unpack_cells)
 from pipeline.codec.swin import Downsample, PatchSplit, SwinHyperAnalysis, SwinStage
 from pipeline.masks.ops import assign_nonroi_value
 
@@ -350,10 +351,11 @@ class ROICodec(CompressionModel):
         return {"strings": [self._latent_compress(y, z_hat, quarters), z_strings, cell_strings],
                 "shape": z.size()[-2:]}
 
-    def coded_steps(self, cell_strings: list[bytes], shape: tuple[int, int] | torch.Size,
+    def coded_steps(self, strings: list[list[bytes]], shape: tuple[int, int] | torch.Size,
                     roi_quality: RateLike) -> torch.Tensor | None:
-        """The quantisation steps (in quarters) of coded ROI cell maps on a hyper-latent grid
-        of ``shape``; None when the maps are empty (step 1 everywhere)."""
+        """The quantisation steps (in quarters) of the coded ROI cell maps (the third string
+        group) on a hyper-latent grid of ``shape``; None without a map (step 1 everywhere)."""
+        cell_strings = strings[2] if len(strings) > 2 else []
         if all(not s for s in cell_strings):
             return None
         grid = (shape[0] * self.stride // CELL, shape[1] * self.stride // CELL)
@@ -367,7 +369,7 @@ class ROICodec(CompressionModel):
         everywhere); no mask needed, ``roi_quality`` the file's Q (its background step)."""
         z_strings = [pad_for_decoding(s, self.N * shape[0] * shape[1]) for s in strings[1]]
         z_hat = self.entropy_bottleneck.decompress(z_strings, shape)
-        quarters = self.coded_steps(strings[2], shape, roi_quality) if len(strings) > 2 else None
+        quarters = self.coded_steps(strings, shape, roi_quality)
         y_hat = self.decode_latent(strings[0], z_hat, quarters)["y_hat"]
         x_hat = self.synthesis(self.gain.inverse(y_hat, rate), z_hat).clamp_(0, 1)
         return {"x_hat": x_hat}

@@ -29,7 +29,7 @@ def coded_state(model: ROICodec, data: bytes) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
         shape = hyper_latent_shape(model, header)
         z_hat = model.entropy_bottleneck.decompress(groups[1], shape)
-        quarters = model.coded_steps(groups[2], shape, header.roi_quality) if len(groups) > 2 else None
+        quarters = model.coded_steps(groups, shape, header.roi_quality)
         state = model.decode_latent(groups[0], z_hat, quarters)
     return state["indexes"], state["symbols"]
 

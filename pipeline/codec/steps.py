@@ -17,10 +17,12 @@ model's fixed-point latent (``symbol * quarters * 2^frac / 4 + mean``) stay inte
 from __future__ import annotations
 
 import zlib
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from compressai.ops import quantize_ste
 from torch import Tensor
 
 STEP_ONE = 4  # quarters in a step of 1
@@ -59,6 +61,25 @@ def to_steps(quarters: Tensor, dtype: torch.dtype) -> Tensor:
 def stepped_scales(scales_int: Tensor, quarters: Tensor) -> Tensor:
     """Integer scale parameters divided by the step, truncated: ``scale_int * 4 // quarters`` (exact)."""
     return torch.div(scales_int * STEP_ONE, quarters.to(scales_int.dtype), rounding_mode="trunc")
+
+
+def stepped(entropy_model: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]], y: Tensor, scales: Tensor,
+            means: Tensor, steps: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``entropy_model(y, scales, means) -> (y_hat, likelihoods)`` with quantisation ``steps``
+    (None: 1): it sees ``(y - means) / steps`` under ``scales / steps`` (a location-scale
+    family, so a bin of width 1 there is a bin of width ``step`` around the mean), and
+    ``y_hat`` is mapped back."""
+    if steps is None:
+        return entropy_model(y, scales, means)
+    y_hat, likelihoods = entropy_model((y - means) / steps, scales / steps, torch.zeros_like(means))
+    return y_hat * steps + means, likelihoods
+
+
+def quantize_stepped(y: Tensor, means: Tensor, steps: Tensor | None) -> Tensor:
+    """``round((y - means) / steps) * steps + means`` with a straight-through gradient."""
+    if steps is None:
+        return quantize_ste(y - means) + means
+    return quantize_ste((y - means) / steps) * steps + means
 
 
 def pack_cells(cells: Tensor) -> bytes:
