@@ -1,7 +1,7 @@
 """Context entropy model against the hyperprior: same variant, data, steps and lambdas.
 
 Two models of one variant (``tma`` by default), identical but for ``entropy=`` (``hyperprior``
-or ``context``: channel groups with a checkerboard context, :mod:`pipeline.codec.context`), are
+or ``context``: channel groups with a checkerboard context, :mod:`pipeline.codec.latent.context`), are
 trained with the same seed on the demo's photos and CPU schedule (``benchmarks/training_parity.py``:
 scikit-image's photos, 12 to train on, 7 held out; 64 px crops then 128 px crops). Scored from
 real ``.roic`` files on the held-out photos: BD-rate of context against hyperprior on PSNR at

@@ -69,7 +69,9 @@ def photos(n: int) -> list[tuple[str, torch.Tensor]]:
 def float_twin(model: ROICodec) -> ROICodec:
     """The same weights coding with the float hyper-decoder's table selection (not portable)."""
     twin = copy.deepcopy(model)
-    twin._entropy_parameters = twin.float_entropy_parameters
+    latent = twin.latent_codec
+    latent.side_int = lambda z_hat: z_hat  # hand z_hat itself to the float parameters
+    latent.entropy_parameters = lambda z_hat, steps, dtype: latent.float_entropy_parameters(z_hat)
     return twin
 
 
@@ -93,7 +95,7 @@ def clamped_fraction(model: ROICodec, images: list[tuple[str, torch.Tensor]]) ->
         hits += int((output.abs() >= ACT_MAX).sum())
         total += output.numel()
 
-    handles = [layer.register_forward_hook(count) for layer in model.hyper_int.layers]
+    handles = [layer.register_forward_hook(count) for layer in model.latent_codec.hyper_int.layers]
     with torch.no_grad():
         for _, x in images:
             encode(model, x, None, 1.0, 1.0)

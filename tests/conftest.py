@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.codec.models import MODELS, ROICodec, build_model, pad_to_multiple
-from pipeline.codec.steps import roi_cells, step_map, to_steps
+from pipeline.codec.steps import roi_cells, step_map
 from pipeline.data.samples import objects_mask, photo_like_image
 from pipeline.train.local import train_local
 
@@ -78,18 +78,13 @@ def encoder_side(model: ROICodec, x: torch.Tensor, m: torch.Tensor | None, q: fl
     and the (padded) image ``x_hat`` they synthesise (``steps=False``: step 1 everywhere)."""
     with torch.no_grad():
         m = None if m is None else pad_to_multiple(m, 64)
-        y = model._encode_latent(pad_to_multiple(x, 64), m, q, rate)
-        z = model.h_a(y)
-        z_hat = model.entropy_bottleneck.decompress(model.entropy_bottleneck.compress(z), z.shape[-2:])
-        quarters = None if m is None or not steps else step_map(roi_cells(m, y.shape[-2:]), q)
-        if model.context is not None:
-            state = model._context_code(z_hat, y=y, quarters=quarters)
-        else:  # what GaussianConditional.compress / decompress do around the integer path's means
-            indexes, means = model._entropy_parameters(z_hat, quarters)
-            step = 1.0 if quarters is None else to_steps(quarters, y.dtype)
-            symbols = torch.round((y - means) / step)
-            state = {"y_hat": symbols * step + means, "indexes": indexes, "symbols": symbols.double()}
-        state["x_hat"] = model.synthesis(model.gain.inverse(state["y_hat"], rate), z_hat).clamp(0, 1)
+        y = model.encode_latent(pad_to_multiple(x, 64), m, q, rate)
+        latent = model.latent_codec
+        z = latent.h_a(y)
+        z_hat = latent.entropy_bottleneck.decompress(latent.entropy_bottleneck.compress(z), z.shape[-2:])
+        quant = None if m is None or not steps else step_map(roi_cells(m, y.shape[-2:]), q)
+        state = latent.code_y(latent.side_int(z_hat), z_hat.dtype, quant, y=y)
+        state["x_hat"] = model.decode_latent(state["y_hat"], z_hat, rate).clamp(0, 1)
         state["z_hat"] = z_hat
     return state
 

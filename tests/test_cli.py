@@ -122,7 +122,8 @@ def test_convert_an_old_checkpoint_and_decode_with_limits(files, capsys, untrain
     honours --max-pixels and --float64."""
     root = files["root"]
     model = untrained["tma"]
-    old = {k: v for k, v in model.state_dict().items() if not k.startswith(("hyper_int.", "table_index."))}
+    old = {k: v for k, v in model.state_dict().items()
+           if not k.startswith(("latent_codec.hyper_int.", "latent_codec.table_index."))}
     torch.save({"format": "roicodec-checkpoint/1", "variant": "tma", "config": model.config,
                 "state_dict": old, "extra": {}}, root / "old.pt")
     out = root / "small.roic"

@@ -92,7 +92,7 @@ def test_checkpoint_round_trip_keeps_fingerprint_and_decodes(untrained, variant,
 def test_checkpoint_of_another_layout_is_a_clear_error(untrained, tmp_path):
     path = save_checkpoint(untrained["sft"], tmp_path / "old.pt")
     blob = torch.load(path, weights_only=True)
-    blob["state_dict"]["enc_sfts.2.gamma.weight"] = torch.zeros(8, 8, 1, 1)  # e.g. an older SFT layout
+    blob["state_dict"]["g_a.sfts.2.gamma.weight"] = torch.zeros(8, 8, 1, 1)  # e.g. another SFT layout
     torch.save(blob, path)
-    with pytest.raises(CheckpointError, match="does not fit this version's sft model.*enc_sfts.2.gamma.weight"):
+    with pytest.raises(CheckpointError, match="does not fit this version's sft model.*g_a.sfts.2.gamma.weight"):
         load_checkpoint(path)

@@ -9,9 +9,9 @@ import torch
 from pipeline.codec.bitstream import unpack
 from pipeline.codec.checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from pipeline.codec.coding import decode, encode
-from pipeline.codec.context import default_groups
+from pipeline.codec.latent import default_groups
 from pipeline.codec.models import build_model, pad_to_multiple
-from pipeline.codec.steps import roi_cells, step_map, to_steps
+from pipeline.codec.steps import roi_cells, step_map
 from pipeline.codec.numerics import coded_state
 from pipeline.train.local import train_local
 from pipeline.train.loss import bits_per_pixel as estimated_bpp
@@ -59,9 +59,10 @@ def test_round_trip_is_the_encoders_reconstruction(models, variant, size):
     indexes, symbols = coded_state(model, data)
     assert torch.equal(indexes, enc["indexes"]) and torch.equal(symbols, enc["symbols"])
     with torch.no_grad():  # the training forward's latent (eval mode: rounded around the float means)
-        y = model._encode_latent(pad_to_multiple(x, 64), pad_to_multiple(m, 64), 0.2, 0.7)
-        quarters = step_map(roi_cells(pad_to_multiple(m, 64), y.shape[-2:]), 0.2)
-        diff = (model._latent_forward(y, enc["z_hat"], to_steps(quarters, y.dtype))[0] - enc["y_hat"]).abs()
+        y = model.encode_latent(pad_to_multiple(x, 64), pad_to_multiple(m, 64), 0.2, 0.7)
+        steps = step_map(roi_cells(pad_to_multiple(m, 64), y.shape[-2:]), 0.2)
+        side = model.latent_codec.h_s(enc["z_hat"])
+        diff = (model.latent_codec.forward_y(y, side, steps)[0] - enc["y_hat"]).abs()
     # the same symbols but for one at a rounding tie now and then (and, for the context model, the
     # elements whose context it changes), around means within the integer path's 1/256
     assert (diff > 0.5).float().mean() < 1e-2
@@ -77,7 +78,7 @@ def test_the_round_trip_check_sees_a_wrong_symbol(models):
     y_hat = enc["y_hat"].clone()
     y_hat[0, -1, 0, 0] += 1
     with torch.no_grad():
-        changed = model.synthesis(model.gain.inverse(y_hat, 1.0), enc["z_hat"]).clamp(0, 1)
+        changed = model.decode_latent(y_hat, enc["z_hat"], 1.0).clamp(0, 1)
     assert not torch.equal(changed, enc["x_hat"])
 
 
@@ -126,5 +127,5 @@ def test_warm_start_keeps_the_hyperprior_layers_and_leaves_the_context_fresh(tmp
     torch.manual_seed(0)
     torch.save(MeanScaleHyperprior(32, 48).state_dict(), tmp_path / "msh.pth")
     model, report = warm_started("tma", str(tmp_path / "msh.pth"), [0.01, 0.05], entropy="context")
-    assert model.entropy == "context" and "context" in report.fresh
-    assert "h_s.4.weight" in report.copied  # the side parameters come from the pretrained hyper-decoder
+    assert model.entropy == "context" and "latent_codec.codec" in report.fresh
+    assert "latent_codec.h_s.4.weight" in report.copied  # the side parameters come from the pretrained hyper-decoder

@@ -80,18 +80,23 @@ def test_float_index_path_flips_under_the_same_perturbations(variant):
     """The harness can fail: the old float hyper-decoder picks other tables for some elements
     under the same perturbations (the integer path, on the same inputs, never does)."""
     model = briefly_trained(variant)
-    symbols, _ = hyper_latent_samples(model.entropy_bottleneck, batch=16, size=8, seed=1)
-    z_hat = (symbols + model.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)).float()
+    eb = model.latent_codec.entropy_bottleneck
+    symbols, _ = hyper_latent_samples(eb, batch=16, size=8, seed=1)
+    z_hat = (symbols + eb._get_medians().detach().reshape(1, -1, 1, 1)).float()
+
+    def int_indexes(latent, zh):
+        return latent.entropy_parameters(latent.side_int(zh), None, zh.dtype)[0]
+
     with torch.no_grad():
-        float_ref, _ = model.float_entropy_parameters(z_hat)
-        int_ref, _ = model._entropy_parameters(z_hat)
+        float_ref, _ = model.latent_codec.float_entropy_parameters(z_hat)
+        int_ref = int_indexes(model.latent_codec, z_hat)
     float_flips = {}
     for name in PERTURBATIONS:
         context, other = perturbed(model, name)
         with context, torch.no_grad():
             zh = z_hat.to(next(other.parameters()).dtype)
-            float_flips[name] = int((other.float_entropy_parameters(zh)[0] != float_ref).sum())
-            assert torch.equal(other._entropy_parameters(zh)[0], int_ref), name
+            float_flips[name] = int((other.latent_codec.float_entropy_parameters(zh)[0] != float_ref).sum())
+            assert torch.equal(int_indexes(other.latent_codec, zh), int_ref), name
     assert sum(float_flips.values()) > 0, float_flips  # seen: 7-9675 flips per perturbation but threads
 
 
@@ -122,7 +127,8 @@ def test_loading_never_rebuilds_the_tables_and_the_fingerprint_covers_them(tmp_p
     monkeypatch.setattr(ROICodec, "update", lambda *a, **k: pytest.fail("load_checkpoint rebuilt tables"))
     loaded = load_checkpoint(path)
     assert torch.equal(decode(loaded, data), decode(model, data))
-    for name in ("gaussian_conditional._quantized_cdf", "hyper_int.layers.0.weight", "table_index.thresholds"):
+    for name in ("latent_codec.family.conditional._quantized_cdf", "latent_codec.hyper_int.layers.0.weight",
+                 "latent_codec.table_index.thresholds"):
         changed = copy.deepcopy(loaded)
         changed.state_dict()[name].view(-1)[0] += 1
         assert fingerprint(changed) != fingerprint(loaded), name
@@ -139,7 +145,7 @@ def test_old_formats_are_refused_clearly_and_old_checkpoints_convert(tmp_path):
         decode(model, v1)
 
     old = {k: v for k, v in model.state_dict().items()
-           if not k.startswith(("hyper_int.", "table_index."))}
+           if not k.startswith(("latent_codec.hyper_int.", "latent_codec.table_index."))}
     torch.save({"format": "roicodec-checkpoint/1", "variant": "tma", "config": model.config,
                 "state_dict": old, "extra": {"step": 7}}, tmp_path / "old.pt")
     with pytest.raises(CheckpointError, match="roicodec convert"):
@@ -157,10 +163,11 @@ def test_a_training_run_from_before_format_2_resumes(tmp_path, untrained):
     from pipeline.train.loop import MODEL_FILE, STATE_FILE, load_training_checkpoint
 
     model = untrained["sft"]
-    old = {k: v for k, v in model.state_dict().items() if not k.startswith(("hyper_int.", "table_index."))}
+    old = {k: v for k, v in model.state_dict().items()
+           if not k.startswith(("latent_codec.hyper_int.", "latent_codec.table_index."))}
     torch.save({"format": "roicodec-checkpoint/1", "variant": "sft", "config": model.config,
                 "state_dict": old, "extra": {}}, tmp_path / MODEL_FILE)
     torch.save({"step": 5}, tmp_path / STATE_FILE)
     fresh = build_model("sft", **TINY)
     assert load_training_checkpoint(tmp_path, fresh)["step"] == 5
-    assert torch.equal(fresh.enc_convs[0].weight, model.enc_convs[0].weight)
+    assert torch.equal(fresh.g_a.convs[0].weight, model.g_a.convs[0].weight)

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.codec.bitstream import RoicHeader, pack, unpack
 from pipeline.codec.coding import decode, encode
-from pipeline.codec.steps import (STEP_ONE, background_quarters, pack_cells, roi_cells, step_map, stepped_scales,
+from pipeline.codec.steps import (STEP_ONE, QuantSteps, background_quarters, pack_cells, roi_cells, step_map,
                                   unpack_cells)
 from pipeline.eval.metrics import roi_psnr
 
@@ -29,7 +29,7 @@ def test_a_cell_is_roi_when_any_of_its_pixels_is():
     mask[0, 0, 50, 5] = 0.4   # below the threshold
     cells = roi_cells(mask, (4, 3))
     assert cells.sum() == 1 and bool(cells[0, 0, 1, 2])
-    quarters = step_map(cells, 0.1)
+    quarters = step_map(cells, 0.1).quarters
     assert quarters[0, 0, 1, 2] == STEP_ONE and (quarters == 40).sum() == 11
     assert step_map(cells, 1.0) is None and step_map(torch.ones_like(cells), 0.1) is None
 
@@ -39,7 +39,7 @@ def test_scale_division_is_integer_exact():
     quarters = torch.tensor([8.0, 40.0, 13.0, 13.0, 40.0], dtype=torch.float64)
     expected = [int(s * 4 / q) if s >= 0 else -int(-s * 4 // q) for s, q in zip([-7, 0, 5, 4095, 2 ** 40 + 3],
                                                                                     [8, 40, 13, 13, 40])]
-    assert stepped_scales(scales, quarters).tolist() == expected
+    assert QuantSteps(quarters).divide_scales(scales).tolist() == expected
 
 
 @pytest.mark.parametrize("grid", [(1, 1), (4, 12), (13, 7)])

@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline.codec.checkpoint import save_checkpoint
 from pipeline.codec.models import build_model
-from pipeline.codec.swin import SwinStage
+from pipeline.codec.transforms.swin_blocks import SwinStage
 from pipeline.codec.warm_start import InitError, load_init_source, warm_start
 
 from conftest import command_line_round_trip, tiny_model
@@ -34,14 +34,14 @@ def test_paper_size_and_layout():
     assert abs(params / PAPER_PARAMETERS - 1) < 0.03, params
     stages = [m for m in model.modules() if isinstance(m, SwinStage)]
     assert all(isinstance(b, SwinTransformerBlock) for s in stages for b in s.blocks)
-    assert [len(s.blocks) for s in model.enc_stages] == [2, 2, 6, 2]
-    assert [len(s.blocks) for s in model.dec_stages] == [2, 6, 2, 2]
+    assert [len(s.blocks) for s in model.g_a.stages] == [2, 2, 6, 2]
+    assert [len(s.blocks) for s in model.g_s.stages] == [2, 6, 2, 2]
     # 8x8 windows in the main transforms, 4x4 in the hyper-encoder, every other block shifted by half
-    assert _windows([*model.enc_stages, *model.dec_stages]) == {(8, 0), (8, 4)}
-    assert _windows(model.h_a.stages[::2]) == {(4, 0)} and model.config["hyper_depths"] == [1, 1]
-    first, last = model.enc_embed[0], model.dec_out[-1]
+    assert _windows([*model.g_a.stages, *model.g_s.stages]) == {(8, 0), (8, 4)}
+    assert _windows(model.latent_codec.h_a.stages[::2]) == {(4, 0)} and model.config["hyper_depths"] == [1, 1]
+    first, last = model.g_a.embed[0], model.g_s.out[-1]
     assert (first.kernel_size, first.stride, last.kernel_size, last.stride) == ((5, 5), (2, 2), (5, 5), (2, 2))
-    assert len(model.enc_sfts) == len(model.dec_sfts) == 4  # the mask enters every stage
+    assert len(model.g_a.sfts) == len(model.g_s.sfts) == 4  # the mask enters every stage
     # the hyper-decoder selects coding tables: convolutions only, so it has an integer twin
     assert {type(m) for m in model.h_s} <= {nn.Conv2d, nn.ConvTranspose2d, nn.LeakyReLU}
 

@@ -104,8 +104,10 @@ def test_ggm_starts_as_the_gaussian_it_was_trained_with(pretrained, photo, beta_
         assert (ours["x_hat"] - reference["x_hat"]).abs().max() < 1e-5
         bits = [-out["likelihoods"]["y"].log2().sum() for out in (ours, reference)]
         assert math.isclose(bits[0], bits[1], rel_tol=1e-3)
-        z_hat, _ = model.entropy_bottleneck(model.h_a(model._encode_latent(x, None, 1.0, rate)))
-        betas = model._gg_params(z_hat)[2]
+        latent = model.latent_codec
+        z_hat, _ = latent.entropy_bottleneck(latent.h_a(model.encode_latent(x, None, 1.0, rate)))
+        scales, _, extra = latent.family.split(latent.h_s(z_hat))
+        betas = latent.family._betas(extra, 0, None, scales)
     assert torch.allclose(betas, torch.full_like(betas, 2.0), atol=1e-5)
 
 
@@ -119,7 +121,7 @@ def test_gain_units_are_the_identity_at_the_trained_lambda(pretrained):
     expected = torch.tensor([math.sqrt(v / lambdas[1]) for v in lambdas])
     assert torch.allclose(gains[:, 0], expected) and bool((gains == gains[:, :1]).all())
     assert torch.allclose(model.gain.inverse_gain.detach() * gains, torch.ones_like(gains))
-    assert report.fresh == ["attention"] and report.adapted == {"g_a.0.weight": "mask input channel at zero"}
+    assert report.fresh == ["g_a.attention"] and report.adapted == {"g_a.net.0.weight": "mask input channel at zero"}
     default = warm_start(build_model("tlic", N=N, M=M, n_rates=4), load_init_source(str(path)), lambdas)
     assert default.rate_point == 2  # a file of unknown lambda: the middle rate point
 

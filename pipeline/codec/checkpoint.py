@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from pipeline.codec.bitstream import FINGERPRINT_BYTES
-from pipeline.codec.models import ROICodec, build_model
+from pipeline.codec.models import ROICodec, build_model, rename_prefixes
 
 CHECKPOINT_FORMAT = "roicodec-checkpoint/2"
 OLD_FORMATS = ("roicodec-checkpoint/1",)
@@ -42,7 +42,10 @@ def fingerprint(model: ROICodec) -> bytes:
     if cached is not None and cached[0] == key:
         return cached[1]
     h = hashlib.sha256(f"{model.variant}:{sorted(model.config.items())}".encode())
-    for name, t in sorted(state.items()):
+    # tensors under the names they had before the codec was composed from parts, so a
+    # checkpoint keeps its fingerprint and its files keep decoding
+    old_names = dict(sorted(((new, old) for old, new in model.legacy_names().items()), key=lambda p: -len(p[0])))
+    for name, t in sorted((rename_prefixes(k, old_names), v) for k, v in state.items()):
         t = t.detach().to("cpu")
         t = t.to(torch.float32) if t.is_floating_point() else t.to(torch.int64)
         h.update(name.encode())

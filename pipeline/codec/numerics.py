@@ -28,9 +28,7 @@ def coded_state(model: ROICodec, data: bytes) -> tuple[Tensor, Tensor]:
     header, groups = unpack(data)
     with torch.no_grad():
         shape = hyper_latent_shape(model, header)
-        z_hat = model.entropy_bottleneck.decompress(groups[1], shape)
-        quarters = model.coded_steps(groups, shape, header.roi_quality)
-        state = model.decode_latent(groups[0], z_hat, quarters)
+        state = model.decode_state(groups, shape, header.roi_quality)
     return state["indexes"], state["symbols"]
 
 

@@ -17,6 +17,7 @@ model's fixed-point latent (``symbol * quarters * 2^frac / 4 + mean``) stay inte
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -43,43 +44,56 @@ def roi_cells(mask: Tensor, grid: tuple[int, int]) -> Tensor:
     return pooled >= ROI_THRESHOLD
 
 
-def step_map(cells: Tensor, roi_quality: float | Tensor) -> Tensor | None:
-    """Quarters per latent cell (B,1,h,w float): 4 in the ROI cells, the background's step
-    elsewhere; None when every step is 1 (no mask effect: the plain codec)."""
+@dataclass(frozen=True)
+class QuantSteps:
+    """Quantisation steps per latent cell, in whole quarters of a step of 1: the one form the
+    steps take everywhere (``quarters``: a (B,1,h,w) tensor of whole numbers). ``None`` in their
+    place means step 1 everywhere (the plain codec)."""
+
+    quarters: Tensor
+
+    def sizes(self, dtype: torch.dtype) -> Tensor:
+        """The step sizes (exact: whole quarters)."""
+        return (self.quarters / STEP_ONE).to(dtype)
+
+    def divide_scales(self, scales_int: Tensor) -> Tensor:
+        """Integer scale parameters divided by the step, truncated: ``scale_int * 4 // quarters`` (exact)."""
+        return torch.div(scales_int * STEP_ONE, self.quarters.to(scales_int.dtype), rounding_mode="trunc")
+
+    def times(self, symbols: Tensor) -> Tensor:
+        """``symbols * step`` for integer symbols (float64, exact)."""
+        return symbols * self.quarters.to(torch.float64) / STEP_ONE
+
+
+def step_map(cells: Tensor, roi_quality: float | Tensor) -> QuantSteps | None:
+    """The steps of the ROI cells' map (B,1,h,w bool): 4 quarters in the ROI cells, the
+    background's step elsewhere; None when every step is 1 (no mask effect: the plain codec)."""
     background = background_quarters(roi_quality).to(cells.device)
     if bool((background == STEP_ONE).all()) or bool(cells.all()):
         return None
     background = background.view(-1, 1, 1, 1).to(torch.float32).expand(cells.shape[0], 1, 1, 1)
-    return torch.where(cells, torch.full_like(background, float(STEP_ONE)), background)
-
-
-def to_steps(quarters: Tensor, dtype: torch.dtype) -> Tensor:
-    """Quarters as step sizes (exact: whole quarters)."""
-    return (quarters / STEP_ONE).to(dtype)
-
-
-def stepped_scales(scales_int: Tensor, quarters: Tensor) -> Tensor:
-    """Integer scale parameters divided by the step, truncated: ``scale_int * 4 // quarters`` (exact)."""
-    return torch.div(scales_int * STEP_ONE, quarters.to(scales_int.dtype), rounding_mode="trunc")
+    return QuantSteps(torch.where(cells, torch.full_like(background, float(STEP_ONE)), background))
 
 
 def stepped(entropy_model: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]], y: Tensor, scales: Tensor,
-            means: Tensor, steps: Tensor | None) -> tuple[Tensor, Tensor]:
+            means: Tensor, steps: QuantSteps | None) -> tuple[Tensor, Tensor]:
     """``entropy_model(y, scales, means) -> (y_hat, likelihoods)`` with quantisation ``steps``
-    (None: 1): it sees ``(y - means) / steps`` under ``scales / steps`` (a location-scale
+    (None: 1): it sees ``(y - means) / step`` under ``scales / step`` (a location-scale
     family, so a bin of width 1 there is a bin of width ``step`` around the mean), and
     ``y_hat`` is mapped back."""
     if steps is None:
         return entropy_model(y, scales, means)
-    y_hat, likelihoods = entropy_model((y - means) / steps, scales / steps, torch.zeros_like(means))
-    return y_hat * steps + means, likelihoods
+    step = steps.sizes(y.dtype)
+    y_hat, likelihoods = entropy_model((y - means) / step, scales / step, torch.zeros_like(means))
+    return y_hat * step + means, likelihoods
 
 
-def quantize_stepped(y: Tensor, means: Tensor, steps: Tensor | None) -> Tensor:
-    """``round((y - means) / steps) * steps + means`` with a straight-through gradient."""
+def quantize_stepped(y: Tensor, means: Tensor, steps: QuantSteps | None) -> Tensor:
+    """``round((y - means) / step) * step + means`` with a straight-through gradient."""
     if steps is None:
         return quantize_ste(y - means) + means
-    return quantize_ste((y - means) / steps) * steps + means
+    step = steps.sizes(y.dtype)
+    return quantize_ste((y - means) / step) * step + means
 
 
 def pack_cells(cells: Tensor) -> bytes:

@@ -40,7 +40,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
-from pipeline.codec.models import ROICodec, build_model
+from pipeline.codec.models import ROICodec, build_model, rename_prefixes
 
 ZOO_PREFIX = "compressai:"
 ZOO_ARCHITECTURE = "mbt2018-mean"
@@ -206,15 +206,8 @@ def load_init_source(spec: str) -> InitSource:
 
 # -- applying ----------------------------------------------------------------------------------
 
-def _rename(name: str, renames: dict[str, str]) -> str:
-    for old, new in renames.items():
-        if name.startswith(old + "."):
-            return new + name[len(old):]
-    return name
-
-
 def _fresh_layers(fresh: Sequence[str], all_names: Sequence[str]) -> list[str]:
-    """Fresh parameters named by the largest modules that hold nothing else (``enc_sfts``, ``attention``)."""
+    """Fresh parameters named by the largest modules that hold nothing else (``g_a.sfts``, ``g_a.attention``)."""
     fresh_set, out = set(fresh), set()
     for name in fresh:
         parts = name.split(".")
@@ -260,13 +253,14 @@ def warm_start(model: ROICodec, source: InitSource, rate_lambdas: Sequence[float
         if source.variant != model.variant:
             raise InitError(f"{source.path} is a {source.variant} checkpoint; a warm start from our checkpoints "
                             f"needs the same variant ({model.variant}); CompressAI weights fit every variant")
+        state = model.upgrade_state_dict(source.state)
         for name, p in own.items():
-            if name not in source.state:
+            if name not in state:
                 report.fresh.append(name)
                 continue
-            if tuple(source.state[name].shape) != tuple(p.shape):
-                raise _shape_error(model, source, name, tuple(source.state[name].shape), tuple(p.shape))
-            p.copy_(source.state[name])
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise _shape_error(model, source, name, tuple(state[name].shape), tuple(p.shape))
+            p.copy_(state[name])
             report.copied.append(name)
         report.fresh = _fresh_layers(report.fresh, list(own))
         return report
@@ -281,7 +275,7 @@ def warm_start(model: ROICodec, source: InitSource, rate_lambdas: Sequence[float
     for name, tensor in source.state.items():
         if not name.startswith(tuple(m + "." for m in HYPERPRIOR_MODULES)):
             continue
-        target = _rename(name, renames)
+        target = rename_prefixes(name, renames)
         if target not in own:  # a buffer (CDF tables, bounds): rebuilt or constant here
             if target not in buffers:
                 report.unused.append(name)

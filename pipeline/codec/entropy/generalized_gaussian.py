@@ -60,12 +60,14 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import scipy.special
 import scipy.stats
 import torch
-from compressai.entropy_models import EntropyModel, GaussianConditional
+from compressai.entropy_models import EntropyModel
 from compressai.models.base import get_scale_table
 from compressai.ops.bound_ops import LowerBoundFunction
 from torch import Tensor
 
-__all__ = ["GeneralizedGaussianConditional", "gg_bin_probability", "pad_for_decoding", "std_factor"]
+from pipeline.codec.entropy.compact import CompactTablesMixin
+
+__all__ = ["GeneralizedGaussianConditional", "gg_bin_probability", "std_factor"]
 
 TableLike = Union[Sequence[float], Tensor]
 
@@ -130,80 +132,11 @@ class _BinProbability(torch.autograd.Function):
         return grad_v, grad_s, grad_b, None
 
 
-def pad_for_decoding(string: bytes, symbols: int) -> bytes:
-    """``string`` followed by enough zero bytes that CompressAI's rANS decoder, which reads
-    on without checking the end, stays inside the buffer even for a crafted string.
-
-    Per symbol it reads at most one 32-bit word, except in bypass (escape) mode, whose
-    nibble counts come from the string's own bytes; zeros end every bypass run. So
-    16 bytes per string byte plus 4 per symbol bounds what it can read.
-    """
-    return string + bytes(16 * len(string) + 4 * symbols + 64)
-
-
 def _prepare_table(table: TableLike, name: str) -> Tensor:
     table = torch.as_tensor(table, dtype=torch.float32).flatten()
     if table.numel() < 1 or bool((table <= 0).any()) or bool((table.diff() <= 0).any()):
         raise ValueError(f"Invalid {name}: expected positive, strictly increasing values")
     return table
-
-
-class CompactTablesMixin:
-    """rANS coding that hands the coder only the CDF tables a tensor uses.
-
-    CompressAI's ``compress``/``decompress`` pass every table (256 scale levels here, 768
-    (scale, beta) pairs for the generalized Gaussian) to the C++ coder, which copies them
-    on each call; that copy, not the coding, dominated encode time. Encoder and decoder
-    see the same indexes, so they build the same compact set. Mixed into an
-    ``EntropyModel`` with ``_quantized_cdf``, ``_cdf_length`` and ``_offset`` tables.
-    """
-
-    def _used_tables(self, indexes: Tensor) -> Tuple[Tensor, list, list, list]:
-        """Only the tables ``indexes`` use, trimmed to their longest CDF, and the remapped indexes."""
-        used, remapped = torch.unique(indexes.reshape(-1).long(), return_inverse=True)
-        used = used.to(self._quantized_cdf.device)
-        lengths = self._cdf_length[used]
-        cdf = self._quantized_cdf[used, :int(lengths.max())]
-        return (remapped.reshape(indexes.shape).int(), cdf.tolist(),
-                lengths.reshape(-1).int().tolist(), self._offset[used].reshape(-1).int().tolist())
-
-    def compress(self, inputs: Tensor, indexes: Tensor, means: Optional[Tensor] = None) -> list:
-        """Entropy-code ``inputs`` (one string per batch item) with CompressAI's rANS coder."""
-        if inputs.dim() < 2 or inputs.size() != indexes.size():
-            raise ValueError("`inputs` and `indexes` must have the same size (at least 2-D)")
-        symbols = self.quantize(inputs, "symbols", means)
-        strings = []
-        for i in range(symbols.size(0)):
-            idx, cdf, lengths, offsets = self._used_tables(indexes[i])
-            strings.append(self.entropy_coder.encode_with_indexes(
-                symbols[i].reshape(-1).int().tolist(), idx.reshape(-1).tolist(), cdf, lengths, offsets))
-        return strings
-
-    def encode_into(self, encoder: Any, symbols: Tensor, indexes: Tensor) -> None:
-        """Add one item's integer ``symbols`` to a CompressAI ``BufferedRansEncoder`` (several
-        calls share one string; the decoder reads them back in the same order)."""
-        idx, cdf, lengths, offsets = self._used_tables(indexes)
-        encoder.encode_with_indexes(symbols.reshape(-1).int().tolist(), idx.reshape(-1).tolist(), cdf, lengths,
-                                    offsets)
-
-    def decode_from(self, decoder: Any, indexes: Tensor) -> Tensor:
-        """The next symbols of a ``RansDecoder`` stream for one item's ``indexes`` (int32)."""
-        idx, cdf, lengths, offsets = self._used_tables(indexes)
-        values = decoder.decode_stream(idx.reshape(-1).tolist(), cdf, lengths, offsets)
-        return torch.tensor(values, dtype=torch.int32, device=indexes.device).reshape(indexes.shape)
-
-    def decompress(self, strings: list, indexes: Tensor, dtype: torch.dtype = torch.float,
-                   means: Optional[Tensor] = None) -> Tensor:
-        """Decode ``strings`` back to (dequantized) values; ``indexes`` as in compress."""
-        if len(strings) != indexes.size(0) or indexes.dim() < 2:
-            raise ValueError("one string per batch item of `indexes` is required")
-        outputs = torch.empty(indexes.size(), dtype=torch.int32, device=self._quantized_cdf.device)
-        for i, string in enumerate(strings):
-            idx, cdf, lengths, offsets = self._used_tables(indexes[i])
-            values = self.entropy_coder.decode_with_indexes(
-                string, idx.reshape(-1).tolist(), cdf, lengths, offsets)
-            outputs[i] = torch.tensor(values, device=outputs.device).reshape(outputs[i].size())
-        return self.dequantize(outputs, means, dtype)
 
 
 class GeneralizedGaussianConditional(CompactTablesMixin, EntropyModel):
@@ -373,7 +306,3 @@ class GeneralizedGaussianConditional(CompactTablesMixin, EntropyModel):
             if incoming is not None and incoming.shape != current.shape:
                 setattr(self, name, current.new_empty(incoming.shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-class CompactGaussianConditional(CompactTablesMixin, GaussianConditional):
-    """CompressAI's ``GaussianConditional`` with compact-table coding (same tables, same model)."""

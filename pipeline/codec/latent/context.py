@@ -7,7 +7,7 @@ CompressAI's ``Elic2022Official``; its "twopass_faster" form, which does not ass
 parameters per channel): group k's entropy parameters come from the hyper-decoder's
 output, a channel context of groups 0..k-1 and, for the non-anchor half of the checkerboard,
 a masked 5x5 convolution of the group's anchors. The leaf of each group hands its parameters
-to the model's own entropy model (Gaussian or generalized Gaussian, :meth:`ROICodec.context_likelihood`).
+to the entropy family (Gaussian or generalized Gaussian, :mod:`pipeline.codec.entropy.families`).
 
 Coding replaces every float network on the index path by its integer twin
 (:class:`~pipeline.codec.integer.IntegerNetwork`), as the hyperprior does for ``h_s``: the
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from itertools import accumulate
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from compressai.ans import BufferedRansEncoder, RansDecoder
@@ -34,15 +34,13 @@ from compressai.layers.layers import sequential_channel_ramp
 from compressai.models.utils import conv
 from torch import Tensor, nn
 
-from pipeline.codec.entropy import pad_for_decoding
+from pipeline.codec.entropy import EntropyFamily, pad_for_decoding
 from pipeline.codec.integer import ACT_MAX, IntegerNetwork, change_frac
-from pipeline.codec.steps import STEP_ONE, quantize_stepped, stepped, stepped_scales, to_steps
+from pipeline.codec.latent.base import HYPER_LEGACY_NAMES, LatentStructure
+from pipeline.codec.steps import QuantSteps, quantize_stepped, stepped
 
 Y_FRAC = 8  # fraction bits of the decoded latent and of the means on the integer path
-STEPS = ("anchor", "non_anchor")
-
-# (y, scales, means, raw shape outputs or None, first channel, end channel) -> likelihoods
-Likelihood = Callable[[Tensor, Tensor, Tensor, "Tensor | None", int, int], Tensor]
+HALVES = ("anchor", "non_anchor")
 
 
 def default_groups(M: int) -> list[int]:
@@ -54,33 +52,25 @@ def default_groups(M: int) -> list[int]:
     return groups
 
 
-def split_params(params: Tensor, per_channel: int) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(scales, means, raw shapes or None) of a group's entropy parameters."""
-    parts = params.chunk(per_channel, 1)
-    return parts[0], parts[1], parts[2] if per_channel == 3 else None
-
-
 class _GroupLeaf(LatentCodec):
-    """One group's entropy model in training: the model's likelihood on its channels and
+    """One group's entropy model in training: the family's likelihood on its channels and
     ``y_hat = round((y - means) / step) * step + means`` with a straight-through gradient."""
 
-    def __init__(self, first: int, end: int, per_channel: int) -> None:
+    def __init__(self, first: int, end: int, family: EntropyFamily) -> None:
         super().__init__()
-        self.first, self.end, self.per_channel = first, end, per_channel
-        self.likelihood: Likelihood | None = None  # bound by ContextLatentCodec.forward for one call
-        self.steps: Tensor | None = None  # likewise: the quantisation steps (None: 1)
+        self.first, self.end = first, end
+        self._family = [family]  # not a submodule: the structure owns it
+        self.steps: QuantSteps | None = None  # bound by ContextLatent.forward_y for one call
 
     def forward(self, y: Tensor, params: Tensor) -> dict[str, Any]:
-        if self.likelihood is None:
-            raise RuntimeError("a context group's leaf runs only inside ContextLatentCodec.forward")
-        scales, means, raw = split_params(params, self.per_channel)
-        likelihood = self.likelihood
-        y_hat, likelihoods = stepped(lambda v, s, m: (v, likelihood(v, s, m, raw, self.first, self.end)),
-                                     y, scales, means, self.steps)
+        family = self._family[0]
+        scales, means, extra = family.split(params)
+        _, likelihoods = stepped(lambda v, s, m: family(v, s, m, extra, self.first, self.end),
+                                 y, scales, means, self.steps)
         return {"likelihoods": {"y": likelihoods}, "y_hat": quantize_stepped(y, means, self.steps)}
 
     def _chunk(self, params: Tensor) -> tuple[Tensor, Tensor]:  # used by CheckerboardLatentCodec
-        scales, means, _ = split_params(params, self.per_channel)
+        scales, means, _ = self._family[0].split(params)
         return scales, means
 
 
@@ -100,23 +90,28 @@ class _SteppedCheckerboard(CheckerboardLatentCodec):
         return {"likelihoods": {"y": y_out["likelihoods"]["y"]}, "y_hat": y_hat}
 
 
-class ContextLatentCodec(nn.Module):
+class ContextLatent(LatentStructure):
     """Channel groups x checkerboard context for the latent y, with an integer coding path.
 
     Args:
-        groups: channels per group (they sum to M).
-        side_channels: channels of the hyper-decoder's output (the side parameters).
-        per_channel: entropy parameters per latent channel (2: scale, mean; 3: and shape).
-        table_indexes: one module per group turning its integer parameters into table indexes.
-        hidden: width of the channel-context networks.
+        N, M, family, h_a: as :class:`~pipeline.codec.latent.base.LatentStructure`.
+        groups: channels per group (they sum to M; default :func:`default_groups`).
+        context_hidden: width of the channel-context networks (default N).
     """
 
-    def __init__(self, groups: list[int], side_channels: int, per_channel: int,
-                 table_indexes: list[nn.Module], hidden: int = 64) -> None:
-        super().__init__()
-        self.groups, self.per_channel, self.hidden = list(groups), per_channel, hidden
+    name = "context"
+    legacy_names = {**HYPER_LEGACY_NAMES, "context": "latent_codec"}
+
+    def __init__(self, N: int, M: int, family: EntropyFamily, h_a: nn.Module, groups: list[int] | None = None,
+                 context_hidden: int | None = None) -> None:
+        super().__init__(N, M, family, h_a)
+        groups = list(groups) if groups is not None else default_groups(M)
+        if sum(groups) != M or min(groups) < 1:
+            raise ValueError(f"channel groups {groups} must be positive and sum to M={M}")
+        self.groups, self.hidden = groups, context_hidden or N
+        hidden, per_channel, side_channels = self.hidden, family.params_per_channel, family.params_per_channel * M
         self.bounds = list(zip(accumulate([0, *groups[:-1]]), accumulate(groups)))
-        self.leaves = [_GroupLeaf(a, b, per_channel) for a, b in self.bounds]
+        self.leaves = [_GroupLeaf(a, b, family) for a, b in self.bounds]
         channel_context = {
             f"y{k}": nn.Sequential(conv(sum(groups[:k]), hidden, kernel_size=5, stride=1), nn.ReLU(inplace=True),
                                    conv(hidden, hidden, kernel_size=5, stride=1), nn.ReLU(inplace=True),
@@ -137,34 +132,38 @@ class ContextLatentCodec(nn.Module):
                                                     for c in self._group_codecs())
         self.int_entropy_parameters = nn.ModuleList(IntegerNetwork(c.entropy_parameters)
                                                     for c in self._group_codecs())
-        self.table_indexes = nn.ModuleList(table_indexes)
+        self.table_indexes = nn.ModuleList(family.make_table_index(g) for g in groups)
         self.register_buffer("input_fracs", torch.zeros(len(groups), dtype=torch.int64))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"groups": self.groups, "context_hidden": self.hidden}
 
     def _group_codecs(self) -> list[CheckerboardLatentCodec]:
         return [self.codec.latent_codec[f"y{k}"] for k in range(len(self.groups))]
 
     # -- training --------------------------------------------------------------------
-    def forward(self, y: Tensor, side: Tensor, likelihood: Likelihood, steps: Tensor | None = None
-                ) -> tuple[Tensor, Tensor]:
-        """``(y_hat, likelihoods)`` of y given the side parameters, as CompressAI's codecs compute
-        them; ``steps`` the quantisation steps per latent cell (None: 1)."""
+    def forward_y(self, y: Tensor, side: Tensor, steps: QuantSteps | None) -> tuple[Tensor, Tensor]:
+        """``(y_hat, likelihoods)`` of y given the side parameters, as CompressAI's codecs compute them."""
         for leaf in self.leaves:
-            leaf.likelihood, leaf.steps = likelihood, steps
+            leaf.steps = steps
         try:
             out = self.codec(y, side)
         finally:
             for leaf in self.leaves:
-                leaf.likelihood, leaf.steps = None, None
+                leaf.steps = None
         return out["y_hat"], out["likelihoods"]["y"]
 
     # -- integer coding path ---------------------------------------------------------
+    def y_path_ready(self) -> bool:
+        return bool(self.ready)
+
     @torch.no_grad()
-    def build(self, side: Tensor, side_frac: int, build_index: Callable[[nn.Module, int, int, int], None],
-              seed: int = 0) -> None:
+    def build_y_path(self, side: Tensor, seed: int = 0) -> None:
         """Integerise the context networks (``side``: typical float side parameters, whose
-        integer form has ``side_frac`` fraction bits) and build each group's table index
-        with ``build_index(index_module, params_frac, first, end)``."""
+        integer form has ``hyper_int.output_frac`` fraction bits) and build each group's table index."""
+        side_frac = self.hyper_int.output_frac
         records = self._calibration_inputs(side, seed)
         codecs = self._group_codecs()
         for k, ((first, end), cb) in enumerate(zip(self.bounds, codecs)):
@@ -178,13 +177,14 @@ class ContextLatentCodec(nn.Module):
             self.input_fracs[k] = min(fracs)
             self.int_entropy_parameters[k].quantize_from(cb.entropy_parameters, records["params"][k],
                                                          int(self.input_fracs[k]))
-            build_index(self.table_indexes[k], self.int_entropy_parameters[k].output_frac, first, end)
+            self.family.build_table_index(self.table_indexes[k], self.int_entropy_parameters[k].output_frac,
+                                          first, end)
         self.ready.fill_(True)
 
     def _calibration_inputs(self, side: Tensor, seed: int) -> dict[str, dict[int, Tensor]]:
         """Every context network's inputs while sampling the model: each group, anchors then
         non-anchors, drawn from its own predicted Gaussian around the predicted means (float64)."""
-        nets = copy.deepcopy(self.codec).to("cpu", torch.float64).eval()
+        nets = copy.deepcopy(self.codec, {id(self.family): self.family}).to("cpu", torch.float64).eval()
         side = side.detach().to("cpu", torch.float64)
         gen = torch.Generator().manual_seed(seed)
         n, _, h, w = side.shape
@@ -198,33 +198,31 @@ class ContextLatentCodec(nn.Module):
                 records["channel"][k] = y_hat[:, :first].clone()
                 channel = nets.channel_context[f"y{k}"](y_hat[:, :first])
             inputs = []
-            for step in STEPS:
+            for step in HALVES:
                 anchors = y_hat[:, first:end]
                 spatial = (anchors.new_zeros(n, 2 * (end - first), h, w) if step == "anchor"
                            else cb.context_prediction(anchors))
                 if step == "non_anchor":
                     records["spatial"][k] = anchors.clone()
                 inputs.append(torch.cat([t for t in (spatial, channel, side) if t is not None], 1))
-                scales, means, _ = split_params(cb.entropy_parameters(inputs[-1]), self.per_channel)
+                scales, means, _ = self.family.split(cb.entropy_parameters(inputs[-1]))
                 noise = torch.randn(scales.shape, generator=gen, dtype=torch.float64)
                 value = (torch.round(noise * scales.abs().clamp_min(0.11)) + means).clamp(-limit, limit)
                 y_hat[:, first:end] += cb._keep_only(value, step)
             records["params"][k] = torch.cat(inputs)
         return records
 
-    def code(self, side_int: Tensor, side_frac: int, entropy_model: nn.Module,
-             table_indexes: Callable[[nn.Module, Tensor, Tensor | None], Tensor],
-             y: Tensor | None = None, strings: list[bytes] | None = None,
-             dtype: torch.dtype = torch.float32, quarters: Tensor | None = None) -> dict[str, Any]:
+    def code_y(self, side_int: Tensor, dtype: torch.dtype, steps: QuantSteps | None, y: Tensor | None = None,
+               strings: list[bytes] | None = None) -> dict[str, Any]:
         """Encode ``y`` or decode ``strings`` (one per batch item), group by group and anchors
-        before non-anchors, on the integer path; ``quarters`` the quantisation steps per latent
-        cell in quarters (:mod:`pipeline.codec.steps`; None: step 1).
+        before non-anchors, on the integer path; ``steps`` the quantisation steps (None: 1).
 
         Returns ``strings`` (when encoding), ``y_hat`` (symbols + means, what the synthesis
         sees), and the coded state ``indexes`` and ``symbols`` (full latent grids).
         """
         if not bool(self.ready):
             raise RuntimeError("the context model's integer path is not built: run update() first")
+        side_frac, coder_model = self.hyper_int.output_frac, self.family.conditional
         n, _, h, w = side_int.shape
         shape = (n, sum(self.groups), h, w)
         y_int = side_int.new_zeros(shape)
@@ -237,8 +235,8 @@ class ContextLatentCodec(nn.Module):
             coders = [RansDecoder() for _ in range(n)]
             for coder, string in zip(coders, strings):
                 coder.set_stream(pad_for_decoding(string, symbols[0].numel()))
-        quarter_halves = None if quarters is None else self._group_codecs()[0].unembed(
-            quarters.to(torch.float64).expand(n, 1, h, w))
+        step_halves = None if steps is None else [QuantSteps(q) for q in self._group_codecs()[0].unembed(
+            steps.quarters.to(torch.float64).expand(n, 1, h, w))]
         for k, ((first, end), cb) in enumerate(zip(self.bounds, self._group_codecs())):
             frac = int(self.input_fracs[k])
             side_k = change_frac(side_int, side_frac, frac)
@@ -248,28 +246,28 @@ class ContextLatentCodec(nn.Module):
                 channel = change_frac(net(y_int[:, :first]), net.output_frac, frac)
             halves = {name: t.new_zeros((2, n, end - first, h, w // 2))
                       for name, t in (("int", y_int), ("hat", y_hat), ("idx", indexes), ("sym", symbols))}
-            for i, step in enumerate(STEPS):
+            for i in range(len(HALVES)):
                 spatial_net = self.int_context_prediction[k]
                 spatial = (side_int.new_zeros((n, 2 * (end - first), h, w)) if i == 0 else
                            change_frac(spatial_net(y_int[:, first:end]), spatial_net.output_frac, frac))
                 inputs = cb.unembed(torch.cat([t for t in (spatial, channel, side_k) if t is not None], 1))[i]
                 params_net = self.int_entropy_parameters[k]
-                scales_int, means_int, raw_int = split_params(params_net(inputs), self.per_channel)
-                step_q = None if quarter_halves is None else quarter_halves[i]
-                if step_q is not None:
-                    scales_int = stepped_scales(scales_int, step_q)
-                idx = table_indexes(self.table_indexes[k], scales_int, raw_int)
+                scales_int, means_int, extra_int = self.family.split(params_net(inputs))
+                half_steps = None if step_halves is None else step_halves[i]
+                if half_steps is not None:
+                    scales_int = half_steps.divide_scales(scales_int)
+                idx = self.family.table_indexes(self.table_indexes[k], scales_int, extra_int)
                 means_q = change_frac(means_int, params_net.output_frac, Y_FRAC)
                 means = (means_q * 2.0 ** -Y_FRAC).to(dtype)
-                step = 1.0 if step_q is None else to_steps(step_q, dtype)
+                step = 1.0 if half_steps is None else half_steps.sizes(dtype)
                 if strings is None:
                     sym = torch.round((cb.unembed(y[:, first:end])[i] - means) / step).to(torch.float64)
                     for b, coder in enumerate(coders):
-                        entropy_model.encode_into(coder, sym[b], idx[b])
+                        coder_model.encode_into(coder, sym[b], idx[b])
                 else:
-                    sym = torch.stack([entropy_model.decode_from(coder, idx[b])
+                    sym = torch.stack([coder_model.decode_from(coder, idx[b])
                                        for b, coder in enumerate(coders)]).to(torch.float64)
-                sym_q = sym if step_q is None else sym * step_q / STEP_ONE  # exact: whole quarters
+                sym_q = sym if half_steps is None else half_steps.times(sym)  # exact: whole quarters
                 halves["int"][i] = (sym_q * 2.0 ** Y_FRAC + means_q).clamp(-ACT_MAX, ACT_MAX)
                 halves["hat"][i] = sym.to(dtype) * step + means
                 halves["idx"][i], halves["sym"][i] = idx, sym
