@@ -281,7 +281,7 @@ def test_deploy_script_arguments(serve_app, tmp_path, capsys):
 
 def test_champion_from_mlflow_resolves_to_the_checkpoint(serve_app, tmp_path):
     tracking = pytest.importorskip("pipeline.train.tracking")
-    from pipeline.serve.app import resolve_checkpoint
+    from pipeline.mlflow_store import resolve_checkpoint
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id, _ = tracking.start_run(uri, "serve-test", "serve-run", {"variant": "tma"})

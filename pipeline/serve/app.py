@@ -42,8 +42,6 @@ import base64
 import io
 import logging
 import math
-import os
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -59,6 +57,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipeline import __version__
 from pipeline.masks.saliency import DEFAULT_SALIENCY_MODEL
 from pipeline.masks.text import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
+from pipeline.mlflow_store import resolve_checkpoint
 
 log = logging.getLogger("roicodec.serve")
 
@@ -230,46 +229,6 @@ def _device(use_gpu: bool) -> str:
     import torch
 
     return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-
-
-def resolve_checkpoint(checkpoint: str | None, model_uri: str | None,
-                       tracking_uri: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """The local checkpoint file to load and where it came from.
-
-    ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: the registered model version's
-    source (``pipeline.train.tracking`` registers the ``checkpoint/`` artifact folder, no
-    MLflow flavour) downloaded from MLflow; any other URI (``runs:/ID/checkpoint``, a
-    path) is downloaded as is. The file is ``model.pt`` in it (or the only ``*.pt``).
-    """
-    if checkpoint:
-        return Path(checkpoint), {"checkpoint": str(checkpoint)}
-    import mlflow
-    from mlflow import MlflowClient
-
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
-    source, info = model_uri, {"model_uri": model_uri}
-    if model_uri.startswith("models:/"):
-        rest = model_uri[len("models:/"):].strip("/")
-        c = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            mv = c.get_model_version_by_alias(name, alias)
-        elif "/" in rest:
-            name, version = rest.rsplit("/", 1)
-            mv = c.get_model_version(name, version)
-        else:
-            raise ValueError(f"model URI {model_uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
-        source = mv.source
-        info.update(model_name=mv.name, model_version=str(mv.version), run_id=mv.run_id)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri,
-                                                     dst_path=tempfile.mkdtemp(prefix="roicodec-serve-")))
-    if local.is_file():
-        return local, info
-    candidates = sorted(local.rglob("model.pt")) or sorted(local.rglob("*.pt"))
-    if len(candidates) != 1:
-        raise ValueError(f"{model_uri}: expected one checkpoint file (model.pt) in its artifacts, "
-                         f"found {len(candidates)}")
-    return candidates[0], info
 
 
 def mask_png(mask: np.ndarray) -> bytes:
