@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from pipeline.serve.app import ServeSettings, deploy
+    from pipeline.serve.app import deploy
+    from pipeline.serve.settings import ServeSettings
 
     args = app_args(ns)
     try:

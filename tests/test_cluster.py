@@ -236,7 +236,7 @@ def _check_serve_config(config: dict) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     ServeDeploySchema.model_validate(config)
-    from pipeline.serve.app import ServeSettings, deployment_options
+    from pipeline.serve.settings import ServeSettings, deployment_options
 
     for app in config["applications"]:
         module, _, attr = app["import_path"].partition(":")

@@ -244,7 +244,7 @@ def test_serve_config_yaml_is_a_valid_serve_config(serve_app):
 
 
 def test_deployment_options_autoscaling_and_gpu(serve_app):
-    from pipeline.serve.app import ServeSettings, deployment_options, resolve_use_gpu
+    from pipeline.serve.settings import ServeSettings, deployment_options, resolve_use_gpu
 
     s = ServeSettings.from_args({"checkpoint": str(serve_app.checkpoint), "use_gpu": True})
     opts = deployment_options(s)
@@ -272,7 +272,7 @@ def test_deploy_script_arguments(serve_app, tmp_path, capsys):
                                         str(serve_app.clip_config), "--codec-replicas", "2", "--port", "8123"])
     args = job.app_args(ns)
     assert args["codec_replicas"] == 2 and args["clip_config"] == str(serve_app.clip_config)
-    from pipeline.serve.app import ServeSettings
+    from pipeline.serve.settings import ServeSettings
 
     assert ServeSettings.from_args(args).clip_config["embed_dim"] == 32
     assert job.main(["--checkpoint", str(tmp_path / "missing.pt"), "--no-block"]) == 1
