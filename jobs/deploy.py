@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="codec checkpoint file (every replica must be able to read it)")
     src.add_argument("--model-uri", help="MLflow model, e.g. models:/roicodec-tma@champion (or models:/NAME/3)")
     p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI for --model-uri "
-                                                      "(default: $MLFLOW_TRACKING_URI)")
+                                                      "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default %(default)s; 0.0.0.0 to expose)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default %(default)s)")
     p.add_argument("--route-prefix", default="/", help="URL prefix of the app (default %(default)s)")
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from pipeline.serve.app import ServeSettings, deploy
+    from pipeline.serve.app import deploy
+    from pipeline.serve.settings import ServeSettings
 
     args = app_args(ns)
     try:

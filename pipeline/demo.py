@@ -38,6 +38,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from pipeline.mlflow_store import sqlite_store
+
 DEFAULT_MODEL = {"N": 64, "M": 96, "n_rates": 3}
 DEMO_RATES = (0.0, 0.25, 0.5, 0.75, 1.0)
 EXPERIMENT = "roicodec-demo"
@@ -84,8 +86,8 @@ class DemoPaths:
         return self.root / "report"
 
     @property
-    def mlflow_uri(self) -> str:
-        return f"sqlite:///{(self.root / 'mlflow.db').resolve()}"
+    def mlflow_uri(self) -> str:  # the demo's own store, whatever MLFLOW_TRACKING_URI says
+        return sqlite_store(self.root)
 
 
 def _stage(i: int, text: str) -> None:

@@ -26,6 +26,7 @@ from PIL import Image
 from conftest import TINY_CLIP
 
 VARIANT = "tma"
+APP_NAME = "roicodec-test"
 MAX_UPLOAD_MB = 0.5
 MAX_PIXELS = 256 * 256
 
@@ -106,7 +107,7 @@ def serve_app(tmp_path_factory) -> ServeApp:
         ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        url = deploy(args, host="127.0.0.1", port=free_port(), name="roicodec-test")
+        url = deploy(args, host="127.0.0.1", port=free_port(), name=APP_NAME)
         app = ServeApp(url, checkpoint, other, clip_config, args, tmp)
         with app.client(timeout=30) as c:
             for _ in range(60):  # serve.run waits for the replicas; the proxy may lag a moment

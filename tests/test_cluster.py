@@ -236,7 +236,7 @@ def _check_serve_config(config: dict) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     ServeDeploySchema.model_validate(config)
-    from pipeline.serve.app import ServeSettings, deployment_options
+    from pipeline.serve.settings import ServeSettings, deployment_options
 
     for app in config["applications"]:
         module, _, attr = app["import_path"].partition(":")
@@ -307,14 +307,14 @@ def test_uri_storage_goes_to_ray_untouched(monkeypatch, tmp_path):
 
 
 def test_uri_storage_needs_an_mlflow_server(monkeypatch, tmp_path, capsys):
-    from pipeline.train import tracking
+    from pipeline.mlflow_store import resolve_tracking_uri
     from pipeline.train.trainer import TrainConfig, TrainError, cli_main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(TrainError, match="--mlflow-uri"):
         TrainConfig(shards=str(tmp_path), storage_path="s3://bucket/runs").resolved()
     with pytest.raises(ValueError, match="MLFLOW_TRACKING_URI"):
-        tracking.default_tracking_uri("gs://bucket/runs")
+        resolve_tracking_uri(None, storage_path="gs://bucket/runs")
 
     assert cli_main(["--shards", str(tmp_path), "--storage-path", "s3://bucket/runs"]) == 2
     err = capsys.readouterr().err.strip()

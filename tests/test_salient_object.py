@@ -110,7 +110,7 @@ def test_the_preprocessing_job_runs_it_in_an_actor_pool(tmp_path, u2netp_weights
 
 
 def test_the_service_loads_it_once_per_replica(u2netp_weights):
-    from pipeline.serve.app import MaskModel
+    from pipeline.serve.deployments import MaskModel
 
     settings = {"text_masks": False, "saliency_model": "u2netp", "saliency_weights": str(u2netp_weights),
                 "use_gpu": False}

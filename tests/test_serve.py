@@ -7,6 +7,7 @@ its status code and a JSON error, and the service keeps answering afterwards.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib
 import importlib.util
 import io
@@ -23,7 +24,7 @@ from pipeline.codec.coding import bits_per_pixel, decode, encode, image_to_tenso
 from pipeline.masks import TextMasker, build_mask
 from pipeline.masks.ops import to_png
 
-from serve_fixtures import MAX_PIXELS, MAX_UPLOAD_MB, png_bytes, sample_image  # noqa: E402
+from serve_fixtures import APP_NAME, MAX_PIXELS, MAX_UPLOAD_MB, png_bytes, sample_image  # noqa: E402
 
 pytest_plugins = ["serve_fixtures"]
 
@@ -224,6 +225,81 @@ def test_bad_inputs_get_their_status_and_the_service_survives(client, serve_app,
     assert client.post("compress", files=img(good)).content == roic
 
 
+@pytest.fixture(scope="module")
+def no_text_client(serve_app):
+    """A second app on the session's Serve, started in seconds: the session app's CodecModel,
+    a MaskModel with text masks off (prompts answer 503) and a Gateway with half the upload
+    limit. Serve removes it with the session's app."""
+    import httpx
+    from ray import serve
+
+    from pipeline.serve.deployments import MaskModel
+    from pipeline.serve.gateway import Gateway
+    from pipeline.serve.settings import ServeSettings
+
+    s = ServeSettings.from_args({**serve_app.args, "text_masks": False, "max_upload_mb": MAX_UPLOAD_MB / 2})
+    settings = dataclasses.asdict(s)
+    codec = serve.get_deployment_handle("CodecModel", app_name=APP_NAME)
+    one = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}
+    masks = MaskModel.options(**one).bind(settings)
+    serve.run(Gateway.options(**one).bind(codec, masks, settings), name="roicodec-no-text", route_prefix="/no-text")
+    with httpx.Client(base_url=f"{serve_app.url}no-text/", timeout=120) as c:
+        yield c
+
+
+def test_every_error_has_one_shape(client, no_text_client, image):
+    good = png_bytes(image[0])
+    big = np.zeros(int(MAX_UPLOAD_MB * 2**20) + 4096, np.uint8).tobytes()
+    img = lambda data, name="p.png": {"files": {"image": (name, data, "image/png")}}  # noqa: E731
+    boundary = "roicodecboundary"
+    chunked = {"content": _chunked(_multipart(boundary, "image", "big.png", big)),
+               "headers": {"content-type": f"multipart/form-data; boundary={boundary}"}}
+    cases = [  # (client, method, path, kwargs, status, text in the error): every way an error is made
+        (client, "POST", "compress", img(big), 413, f"upload too large (limit {MAX_UPLOAD_MB:g} MB)"),
+        (no_text_client, "POST", "compress", img(big), 413, f"upload too large (limit {MAX_UPLOAD_MB / 2:g} MB)"),
+        (client, "POST", "compress", chunked, 413, "too large"),
+        (client, "POST", "compress", img(b"text", "a.txt"), 415, "not a supported image"),
+        (client, "POST", "decompress", {"files": {"file": ("f.roic", good)}}, 400, "not a .roic"),
+        (client, "POST", "compress", {**img(good), "data": {"rate": "2"}}, 422, "rate"),
+        (client, "POST", "mask", img(good), 422, "no mask source"),
+        (client, "GET", "static/nothing.js", {}, 404, "not found"),
+        (client, "GET", "compress", {}, 405, "not allowed"),
+        (no_text_client, "POST", "compress", {**img(good), "data": {"prompt": "a dog"}}, 503, "turned off"),
+    ]
+    for c, method, path, kwargs, status, text in cases:
+        res = c.request(method, path, **kwargs)
+        assert res.status_code == status, (path, status, res.text[:300])
+        assert res.headers["content-type"] == "application/json", (path, status)
+        body = res.json()
+        assert set(body) == {"error", "status"} and type(body["status"]) is int, body
+        assert body["status"] == status and isinstance(body["error"], str), body
+        assert text.lower() in body["error"].lower(), (text, body)
+    assert no_text_client.post("compress", **img(good)).status_code == 200  # the rest of that app works
+
+
+def test_an_unexpected_error_is_a_json_500_and_the_limit_is_the_apps():
+    """The ingress's error handler and upload middleware on a bare FastAPI app (no Serve)."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from pipeline.serve.errors import install_error_handler
+    from pipeline.serve.inputs import UploadLimitMiddleware
+
+    api = FastAPI()
+    api.add_middleware(UploadLimitMiddleware, limit=lambda: 2**20)
+    install_error_handler(api)
+
+    @api.post("/boom")
+    async def boom() -> None:
+        raise RuntimeError("kaboom\nsecond line")
+
+    with TestClient(api, raise_server_exceptions=False) as c:
+        res = c.post("/boom")
+        assert (res.status_code, res.json()) == (500, {"error": "internal error: kaboom", "status": 500})
+        res = c.post("/boom", content=bytes(2**20 + 1))
+        assert res.json() == {"error": "upload too large (limit 1 MB)", "status": 413}
+
+
 def test_serve_config_yaml_is_a_valid_serve_config(serve_app):
     from ray.serve.schema import ServeDeploySchema
 
@@ -244,7 +320,7 @@ def test_serve_config_yaml_is_a_valid_serve_config(serve_app):
 
 
 def test_deployment_options_autoscaling_and_gpu(serve_app):
-    from pipeline.serve.app import ServeSettings, deployment_options, resolve_use_gpu
+    from pipeline.serve.settings import ServeSettings, deployment_options, resolve_use_gpu
 
     s = ServeSettings.from_args({"checkpoint": str(serve_app.checkpoint), "use_gpu": True})
     opts = deployment_options(s)
@@ -272,7 +348,7 @@ def test_deploy_script_arguments(serve_app, tmp_path, capsys):
                                         str(serve_app.clip_config), "--codec-replicas", "2", "--port", "8123"])
     args = job.app_args(ns)
     assert args["codec_replicas"] == 2 and args["clip_config"] == str(serve_app.clip_config)
-    from pipeline.serve.app import ServeSettings
+    from pipeline.serve.settings import ServeSettings
 
     assert ServeSettings.from_args(args).clip_config["embed_dim"] == 32
     assert job.main(["--checkpoint", str(tmp_path / "missing.pt"), "--no-block"]) == 1
@@ -281,7 +357,7 @@ def test_deploy_script_arguments(serve_app, tmp_path, capsys):
 
 def test_champion_from_mlflow_resolves_to_the_checkpoint(serve_app, tmp_path):
     tracking = pytest.importorskip("pipeline.train.tracking")
-    from pipeline.serve.app import resolve_checkpoint
+    from pipeline.mlflow_store import resolve_checkpoint
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id, _ = tracking.start_run(uri, "serve-test", "serve-run", {"variant": "tma"})

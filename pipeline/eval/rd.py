@@ -34,7 +34,8 @@ plots ``rd_roi_psnr.png``, ``rd_psnr.png``, ``rd_nonroi_psnr.png`` (with masks) 
 **MLflow**: a checkpoint belongs to a run when its ``extra`` has ``mlflow_run_id``, or a
 ``run_name`` that matches a run's ``ray_train_run_name`` tag in the store (Ray Train
 checkpoints carry the run name). The tracking URI is the ``tracking_uri`` argument,
-else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``; a SQLite store that does not
+else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``
+(:func:`pipeline.mlflow_store.resolve_tracking_uri`); a SQLite store that does not
 exist is never created here. Evaluation metrics go in as ``eval/...`` and the output
 files as artifacts under ``evaluation/``.
 
@@ -51,7 +52,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -66,6 +66,7 @@ from pipeline.eval import baselines as bl
 from pipeline.eval.evaluate import (DEFAULT_ROI_QUALITY, LEARNED, METRICS, UNIFORM, EvaluationError,
                                     check_knobs, jsonable, learned_point, list_images, load_model,
                                     load_pair, nanmean, quality, resolve_checkpoint, to_json)
+from pipeline.mlflow_store import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -316,11 +317,6 @@ def _fmt(v: float) -> str:
 
 
 # -- MLflow -----------------------------------------------------------------------------------
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-
 
 def _store_exists(uri: str) -> bool:
     if uri.startswith("sqlite:///"):

@@ -32,8 +32,8 @@ Who logs what:
 Steps re-run after a failure are logged again with the same step numbers (MLflow
 keeps both values); the ``start_step`` metric shows where each attempt started.
 
-Default store: ``sqlite:///<storage_path>/mlflow.db`` with artifacts in
-``<storage_path>/mlartifacts``; ``--mlflow-uri`` or ``MLFLOW_TRACKING_URI`` override it.
+Default store (:func:`pipeline.mlflow_store.resolve_tracking_uri`): ``sqlite:///<storage_path>/mlflow.db``
+with artifacts in ``<storage_path>/mlartifacts``; ``--mlflow-uri`` or ``MLFLOW_TRACKING_URI`` override it.
 A storage path on a shared filesystem (NFS) gives every node the same store; with an
 object-store storage URI (``s3://``, ``gs://``) there is no default (a SQLite file cannot
 live there): give a tracking server.
@@ -44,7 +44,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -57,18 +56,6 @@ STORAGE_TAG = "ray_storage_path"
 WORKERS_TAG = "worker_nodes"
 CHAMPION = "champion"
 _MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
-
-
-def default_tracking_uri(storage_path: str | Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else a SQLite file in the storage folder."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    text = str(storage_path)
-    if "://" in text and not text.startswith("file://"):
-        raise ValueError(f"no default MLflow store for the storage URI {text} (a SQLite file cannot live there); "
-                         "set MLFLOW_TRACKING_URI or --mlflow-uri to a tracking server")
-    return f"sqlite:///{Path(text.removeprefix('file://')).expanduser().resolve() / 'mlflow.db'}"
 
 
 def _artifact_location(tracking_uri: str) -> str | None:

@@ -49,6 +49,7 @@ from typing import Any, Sequence
 
 from pipeline.codec.models import ENTROPY_MODELS, MODELS
 from pipeline.data.dataset import DatasetError, check_crop, plan_shards, training_datasets
+from pipeline.mlflow_store import resolve_tracking_uri
 from pipeline.ray_session import ensure_ray
 from pipeline.train import tracking
 from pipeline.train.loss import NORMALIZATIONS
@@ -153,11 +154,10 @@ class TrainConfig:
         c.run_name = c.run_name or f"{c.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
         if "/" in c.run_name or c.run_name.startswith("."):
             raise TrainError(f"run name must be a plain folder name, got {c.run_name!r}")
-        if not c.mlflow_uri and is_uri(c.storage_path) and not os.environ.get("MLFLOW_TRACKING_URI"):
-            raise TrainError(f"the storage path {c.storage_path} is an object-store URI, where the default SQLite "
-                             "MLflow store cannot live: give a tracking server with --mlflow-uri (or set "
-                             "MLFLOW_TRACKING_URI)")
-        c.mlflow_uri = c.mlflow_uri or tracking.default_tracking_uri(c.storage_path)
+        try:
+            c.mlflow_uri = resolve_tracking_uri(c.mlflow_uri, storage_path=c.storage_path)
+        except ValueError as exc:  # an object-store storage path and no tracking server
+            raise TrainError(str(exc)) from None
         c.placement_strategy = str(c.placement_strategy).upper()
         if c.placement_strategy not in PLACEMENT_STRATEGIES:
             raise TrainError(f"placement strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
