@@ -49,6 +49,7 @@ from typing import Any, Sequence
 
 from pipeline.codec.models import ENTROPY_MODELS, MODELS
 from pipeline.data.dataset import DatasetError, check_crop, plan_shards, training_datasets
+from pipeline.errors import run_cli
 from pipeline.ray_session import ensure_ray
 from pipeline.train import tracking
 from pipeline.train.loss import NORMALIZATIONS
@@ -526,23 +527,14 @@ def config_from_args(args: argparse.Namespace, variant: str | None = None) -> Tr
         registered_model=args.registered_model, seed=args.seed)
 
 
-def cli_main(argv: Sequence[str] | None = None, *, variant: str | None = None,
-             description: str | None = None) -> int:
-    """``jobs/train.py`` (and ``jobs/train_ggm.py`` with ``variant="ggm"``): 0 on success."""
-    args = build_parser(variant, description).parse_args(argv)
-    try:
-        if variant is not None:
-            _check_variant(variant)
-        cfg = config_from_args(args, variant)
-        outcome = train(cfg)
-    except (TrainError, DatasetError, ValueError, OSError) as exc:
-        print(f"error: {_first_line(exc)}", file=sys.stderr)
-        return 2 if isinstance(exc, (TrainError, DatasetError)) else 1
+def _print_outcome(outcome: TrainOutcome, json_out: str | None) -> None:
+    """A finished run as three lines, or as JSON: to the file ``json_out`` (and the three lines),
+    or with ``-`` as the last line of stdout."""
     summary = outcome.summary()
-    if args.json and args.json != "-":
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    if args.json == "-":
+    if json_out and json_out != "-":
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    if json_out == "-":
         print(json.dumps(summary, default=str), flush=True)
     else:
         m = summary["metrics"]
@@ -551,4 +543,23 @@ def cli_main(argv: Sequence[str] | None = None, *, variant: str | None = None,
         print(f"  checkpoint: {summary['model_file']}")
         print(f"  MLflow:     {summary['mlflow_uri']} (run {summary['mlflow_run_id']}, "
               f"model version {summary['model_version']}, champion {summary['champion_version']})")
-    return 0
+
+
+def cli_main(argv: Sequence[str] | None = None, *, variant: str | None = None,
+             description: str | None = None) -> int:
+    """``jobs/train.py`` (and ``jobs/train_ggm.py`` with ``variant="ggm"``): 0 on success; bad
+    settings or data: one ``error:`` line and 2, other bad input (an unreadable file, ...): 1."""
+    args = build_parser(variant, description).parse_args(argv)
+    outcome: TrainOutcome | None = None
+
+    def run() -> None:
+        nonlocal outcome
+        if variant is not None:
+            _check_variant(variant)
+        outcome = train(config_from_args(args, variant))
+
+    code = run_cli(run, None, (TrainError, DatasetError, ValueError, OSError), message=_first_line,
+                   exit_code=lambda exc: 2 if isinstance(exc, (TrainError, DatasetError)) else 1)
+    if code == 0:
+        _print_outcome(outcome, args.json)
+    return code
