@@ -53,7 +53,8 @@ from pipeline.errors import run_cli
 from pipeline.ray_session import ensure_ray
 from pipeline.train import tracking
 from pipeline.train.loss import NORMALIZATIONS
-from pipeline.train.loop import DEFAULT_VAL_POINTS, MODEL_FILE, train_loop_per_worker
+from pipeline.train.loop import (DEFAULT_CHECKPOINT_EVERY, DEFAULT_REPORT_EVERY, DEFAULT_VAL_POINTS, MODEL_FILE,
+                                 train_loop_per_worker)
 
 DEFAULT_MODEL = {"N": 128, "M": 192, "n_rates": 4}
 SMOKE_MODEL = {"N": 16, "M": 24, "n_rates": 2}
@@ -122,8 +123,8 @@ class TrainConfig:
     omega: float = 3.0
     lambda_norm: str = "roi"  # see pipeline.train.loss
     ms_ssim_weight: float = 0.0
-    checkpoint_every: int = 500
-    report_every: int = 10
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    report_every: int = DEFAULT_REPORT_EVERY
     keep: int = 3
     num_workers: int = 1
     use_gpu: bool = False
@@ -458,8 +459,9 @@ def build_parser(variant: str | None = None, description: str | None = None) -> 
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of images held out (by image-id hash)")
     p.add_argument("--val-crop", type=int, help="validation centre-crop side (default 256, 64 with --smoke)")
     p.add_argument("--checkpoint-every", type=int, help="validate + checkpoint every N steps "
-                                                        "(default 500, 20 with --smoke)")
-    p.add_argument("--report-every", type=int, default=10, help="report metrics to Ray/MLflow every N steps")
+                                                        f"(default {DEFAULT_CHECKPOINT_EVERY}, 20 with --smoke)")
+    p.add_argument("--report-every", type=int, default=DEFAULT_REPORT_EVERY,
+                   help="report metrics to Ray/MLflow every N steps")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept (best by val_loss, plus the latest)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before the run fails")
     p.add_argument("--placement-strategy", default="PACK", type=str.upper, choices=PLACEMENT_STRATEGIES,
@@ -519,7 +521,8 @@ def config_from_args(args: argparse.Namespace, variant: str | None = None) -> Tr
         lr=pick(args.lr, 1e-4, 2e-3), aux_lr=args.aux_lr, lambda_low=pick(args.alpha_low, 0.0035, 0.0483),
         lambda_high=pick(args.alpha_high, 0.0483, 0.18),
         omega=args.omega, ms_ssim_weight=args.ms_ssim_weight,
-        checkpoint_every=pick(args.checkpoint_every, 500, 20), report_every=args.report_every, keep=args.keep,
+        checkpoint_every=pick(args.checkpoint_every, DEFAULT_CHECKPOINT_EVERY, 20), report_every=args.report_every,
+        keep=args.keep,
         num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
         max_failures=args.max_failures, placement_strategy=args.placement_strategy,
         run_name=args.run_name or (f"smoke-{variant}-{time.strftime('%Y%m%d-%H%M%S')}" if smoke else None),
