@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipeline.codec.models import ENTROPY_MODELS, MODELS  # noqa: E402
 from pipeline.demo import DEMO_STEPS, run_demo  # noqa: E402
+from pipeline.errors import run_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,13 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--roi-quality", type=float, default=0.1,
                         help="non-ROI value for the evaluation, in [0,1] (default 0.1)")
     args = parser.parse_args(argv)
-    try:
+
+    def demo() -> None:
         run_demo(args.out, steps=args.steps, variant=args.variant, roi_quality=args.roi_quality,
                  entropy=args.entropy)
-    except (ValueError, OSError, RuntimeError) as exc:
-        print(f"demo: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_cli(demo, "demo", (ValueError, OSError, RuntimeError))
 
 
 if __name__ == "__main__":

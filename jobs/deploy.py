@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
+from pipeline.errors import run_cli  # noqa: E402
 from pipeline.masks.text import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED  # noqa: E402
 
 
@@ -92,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.serve.settings import ServeSettings
 
     args = app_args(ns)
-    try:
-        ServeSettings.from_args(args)  # one-line errors before starting anything
-    except (ValueError, OSError) as exc:
-        print(f"deploy.py: error: {exc}", file=sys.stderr)
-        return 1
+
+    def check() -> None:  # one-line errors before starting anything
+        ServeSettings.from_args(args)
+
+    code = run_cli(check, "deploy.py", (ValueError, OSError))
+    if code:
+        return code
     if not ray.is_initialized():
         ray.init(address=ns.address, num_cpus=ns.num_cpus if ns.address is None else None)
     url = deploy(args, host=ns.host, port=ns.port, name=ns.name, route_prefix=ns.route_prefix)

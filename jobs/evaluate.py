@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
+from pipeline.errors import run_cli  # noqa: E402
 from pipeline.eval.cli import (EVALUATE_DESCRIPTION, EVALUATE_EPILOG, add_evaluate_arguments,  # noqa: E402
                                run_evaluate_command, sweep_rates)
 
@@ -95,16 +96,15 @@ def run_champion(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def evaluate() -> int:
         if args.select_champion:
             return run_champion(args)
         if args.checkpoint is None:
             build_parser().error("--checkpoint is required (or --select-champion)")
         return run_evaluate_command(args)
-    except (ValueError, OSError, RuntimeError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"evaluate: error: {message}", file=sys.stderr)
-        return 1
+
+    return run_cli(evaluate, "evaluate", (ValueError, OSError, RuntimeError))
 
 
 if __name__ == "__main__":

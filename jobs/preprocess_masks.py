@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
 from pipeline.data.preprocess import ROI_SOURCES, PreprocessError, preprocess  # noqa: E402
+from pipeline.errors import run_cli  # noqa: E402
 from pipeline.masks.ops import MaskError  # noqa: E402
 from pipeline.masks.saliency import DEFAULT_SALIENCY_MODEL, saliency_models  # noqa: E402
 from pipeline.masks.text import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED  # noqa: E402
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the job; print the JSON summary; 1 with a one-line error on bad input."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    try:
+
+    def run() -> None:
         summary = preprocess(
             args.input, args.output, prompts=args.prompts, prompts_file=args.prompts_file,
             coco_annotations=args.coco_annotations, roi_source=args.roi_source, saliency=args.saliency,
@@ -98,11 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             clip_config=args.clip_config, clip_download=args.clip_download,
             clip_input_size=args.clip_input_size, max_side=args.max_side, limit=args.limit,
             combine_prompts=args.combine_prompts)
-    except (PreprocessError, MaskError) as exc:
-        print(f"preprocess_masks: error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary))
-    return 0
+        print(json.dumps(summary))
+
+    return run_cli(run, "preprocess_masks", (PreprocessError, MaskError))
 
 
 if __name__ == "__main__":

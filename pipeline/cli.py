@@ -12,6 +12,7 @@ from typing import Callable
 
 from pipeline.argtypes import positive, positive_int, unit_interval
 from pipeline.codec.bitstream import DEFAULT_MAX_PIXELS
+from pipeline.errors import run_cli
 from pipeline.eval.cli import (EVALUATE_DESCRIPTION, EVALUATE_EPILOG, EVALUATE_HELP, add_evaluate_arguments,
                                run_evaluate_command)
 from pipeline.masks.cli import add_mask_source_arguments, mask_from_args, run_mask_command
@@ -194,16 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``roicodec`` and ``python -m pipeline``."""
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return handler(args)
-    except (ValueError, OSError, RuntimeError) as exc:
-        # BitstreamError, CheckpointError, MaskError are ValueErrors; one line, no traceback.
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"roicodec: error: {message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("roicodec: interrupted", file=sys.stderr)
-        return 130
+    # BitstreamError, CheckpointError, MaskError are ValueErrors
+    return run_cli(lambda: handler(args), "roicodec", (ValueError, OSError, RuntimeError), interrupt=True)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -67,9 +68,14 @@ from pipeline.masks.ops import assign_nonroi_value
 from pipeline.train.loss import ROIRateDistortionLoss, bits_per_pixel
 from pipeline.train.steps import StepSettings, learning_rate, make_optimizers, set_learning_rate, train_step
 
+if TYPE_CHECKING:
+    import ray.train
+
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 DEFAULT_VAL_POINTS = ((1.0, 1.0), (0.0, 1.0), (1.0, 0.0), (0.0, 0.0))
+DEFAULT_CHECKPOINT_EVERY = 500  # steps between checkpoints (TrainConfig's and jobs/train.py's default too)
+DEFAULT_REPORT_EVERY = 10  # steps between reports
 
 
 def point_name(roi_quality: float, rate: float) -> str:
@@ -234,35 +240,61 @@ def _quiet_ray_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The body every Ray Train worker runs; ``config`` is :meth:`TrainConfig.loop_config`."""
-    import ray.train
+@dataclass
+class _Worker:
+    """What one worker trains with (see :func:`_setup_worker`)."""
+
+    config: dict[str, Any]
+    rank: int
+    world: int
+    device: torch.device
+    amp: bool
+    net: torch.nn.Module  # what the steps run: the DDP wrapper, or the codec itself on one worker
+    codec: ROICodec
+    optimizer: torch.optim.Optimizer
+    aux_optimizer: torch.optim.Optimizer
+    settings: StepSettings
+    loss_fn: ROIRateDistortionLoss
+    rng: random.Random
+    start_step: int
+    total: int
+
+
+def _device(config: dict[str, Any]) -> tuple[torch.device, bool]:
+    """This worker's device (with ``torch_threads`` applied) and whether bfloat16 autocast is on
+    (``amp``; None: on GPU)."""
     import ray.train.torch
 
-    _quiet_ray_report_log()
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if config.get("torch_threads"):
         torch.set_num_threads(int(config["torch_threads"]))
     device = ray.train.torch.get_device()
     if isinstance(device, list):
         device = device[0]
     amp = bool(config.get("amp")) if config.get("amp") is not None else device.type == "cuda"
+    return device, amp
+
+
+def _build_or_resume(config: dict[str, Any]) -> tuple[ROICodec, dict[str, Any] | None]:
+    """The variant built with the run's seed, and the ``train_state.pt`` dict when Ray Train hands
+    this worker a checkpoint (its weights loaded); without one, the driver's warm start if any."""
+    import ray
+    import ray.train
 
     torch.manual_seed(config["seed"])
     model = build_model(config["variant"], **config["model"])
-    state: dict[str, Any] | None = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = load_training_checkpoint(d, model)
-    elif config.get("_init") is not None:  # a fresh warm-started run (the driver did the warm start)
+            return model, load_training_checkpoint(d, model)
+    if config.get("_init") is not None:  # a fresh warm-started run (the driver did the warm start)
         model.load_state_dict(ray.get(config["_init"]))
-    start_step = int(state["step"]) if state else 0
-    total = int(config["steps"])
+    return model, None
 
-    # DDP: the aux-trained quantiles stay out of gradient sync (see the module docstring).
+
+def _prepare_ddp(model: ROICodec, config: dict[str, Any]) -> tuple[torch.nn.Module, ROICodec]:
+    """``prepare_model`` (DDP with several workers): the network the steps run, and the codec in it.
+    The aux-trained quantiles stay out of gradient sync (see the module docstring)."""
+    import ray.train.torch
     from torch.nn.parallel import DistributedDataParallel
 
     quantiles = [n for n, _ in model.named_parameters() if n.endswith(".quantiles")]
@@ -273,7 +305,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     codec: ROICodec = net.module if isinstance(net, DistributedDataParallel) else net
     if net is not codec:
         net.aux_loss = codec.aux_loss  # DDP does not forward attribute lookups to the module
+    return net, codec
 
+
+def _setup_worker(config: dict[str, Any]) -> _Worker:
+    """The model (built or resumed), its DDP wrapper, both optimizers (their states resumed too),
+    the loss and the knob sampler of this worker."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device, amp = _device(config)
+    model, state = _build_or_resume(config)
+    start_step = int(state["step"]) if state else 0
+    net, codec = _prepare_ddp(model, config)
     optimizer, aux_optimizer = make_optimizers(codec, config["lr"], config["aux_lr"])
     if state:
         optimizer.load_state_dict(state["optimizer"])
@@ -284,80 +329,126 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                     ms_ssim_weight=config["ms_ssim_weight"])
     # Knob sampling: a different stream per worker and per (re)start point.
     rng = random.Random(hash((config["seed"], rank, start_step)) & 0xFFFFFFFF)
+    return _Worker(config, rank, world, device, amp, net, codec, optimizer, aux_optimizer, settings, loss_fn, rng,
+                   start_step, int(config["steps"]))
 
-    val = _load_val(config) if rank == 0 else None
-    points = [tuple(p) for p in config.get("val_points") or DEFAULT_VAL_POINTS]
-    report_every = max(1, int(config.get("report_every", 10)))
-    checkpoint_every = max(1, int(config.get("checkpoint_every", 100)))
-    record_times = bool(config.get("record_step_times"))
+
+def _crash_once_if_asked(config: dict[str, Any], step: int, rank: int) -> None:
+    """The ``fail_at_step`` testing hook: rank 0 dies before that step unless ``fail_marker`` exists."""
+    import ray.train
+
     fail_at, marker = config.get("fail_at_step"), config.get("fail_marker")
+    if fail_at is None or step != int(fail_at) or rank != 0 or not marker or os.path.exists(marker):
+        return
+    # Crash only once the controller has taken in every report so far (V2 commits a
+    # checkpoint when it processes the report, asynchronously), so the test knows
+    # which checkpoint the restart must use; a real crash may lose the last one.
+    ray.train.get_all_reported_checkpoints(timeout_s=300)
+    Path(marker).parent.mkdir(parents=True, exist_ok=True)
+    Path(marker).write_text(f"failed once at step {step}\n")
+    os._exit(1)
 
-    batches = _batches(config, device)
-    history: list[dict[str, float]] = []
-    step_times: list[float] = []
-    t_interval = time.perf_counter()
-    net.train()
 
-    def do_report(done: int, with_checkpoint: bool) -> None:
-        nonlocal history, t_interval
-        elapsed = time.perf_counter() - t_interval
-        metrics: dict[str, Any] = {"step": done, "start_step": start_step, "world_size": world}
-        if history:
-            metrics.update({k: v for k, v in _mean(history).items() if k != "step"})
-            metrics["steps_per_s"] = len(history) / max(elapsed, 1e-9)
-        metrics["history"] = history
-        if record_times and done == total:
-            metrics["step_times"] = step_times
+class _Reporter:
+    """Collects the steps' metrics and reports them to Ray Train: the interval's means and
+    ``history`` every ``report_every`` steps; every ``checkpoint_every`` steps and at the end
+    with a checkpoint, which rank 0 validates and writes."""
+
+    def __init__(self, w: _Worker):
+        config = w.config
+        self.w = w
+        self.val = _load_val(config) if w.rank == 0 else None
+        self.points = [tuple(p) for p in config.get("val_points") or DEFAULT_VAL_POINTS]
+        self.report_every = max(1, int(config.get("report_every", DEFAULT_REPORT_EVERY)))
+        self.checkpoint_every = max(1, int(config.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY)))
+        self.record_times = bool(config.get("record_step_times"))
+        self.history: list[dict[str, float]] = []
+        self.step_times: list[float] = []
+        self.t_interval = time.perf_counter()
+
+    def step_done(self, done: int, metrics: dict[str, float]) -> None:
+        """Record step ``done``'s metrics; report (and checkpoint) when it is time."""
+        if self.record_times:
+            self.step_times.append(time.perf_counter())
+        self.history.append({"step": float(done), **metrics})
+        is_checkpoint = done % self.checkpoint_every == 0 or done == self.w.total
+        if is_checkpoint or done % self.report_every == 0:
+            self.report(done, is_checkpoint)
+
+    def _interval_metrics(self, done: int) -> dict[str, Any]:
+        """The means of the steps since the last report, their ``history`` and the throughput."""
+        elapsed = time.perf_counter() - self.t_interval
+        metrics: dict[str, Any] = {"step": done, "start_step": self.w.start_step, "world_size": self.w.world}
+        if self.history:
+            metrics.update({k: v for k, v in _mean(self.history).items() if k != "step"})
+            metrics["steps_per_s"] = len(self.history) / max(elapsed, 1e-9)
+        metrics["history"] = self.history
+        if self.record_times and done == self.w.total:
+            metrics["step_times"] = self.step_times
+        return metrics
+
+    def report(self, done: int, with_checkpoint: bool) -> None:
+        """``ray.train.report`` of the interval (every rank), with a checkpoint directory from rank 0."""
+        import ray.train
+
+        w = self.w
+        metrics = self._interval_metrics(done)
         if not with_checkpoint:
             ray.train.report(metrics)
         else:
-            _average_quantiles(codec, world)
+            _average_quantiles(w.codec, w.world)
             with tempfile.TemporaryDirectory(prefix="roicodec-ckpt-") as tmp:
-                ckpt = None
-                if rank == 0:
-                    codec.eval()
-                    if val is not None:
-                        vm, rd, coder = validate(codec, val[0], val[1], points, loss_fn, config["lambda_low"],
-                                                 config["lambda_high"], config.get("val_encode_images", 2))
-                        metrics.update(vm)
-                        metrics["rd_points"] = rd
-                    else:
-                        coder = copy.deepcopy(codec).eval()
-                        coder.update(force=True)
-                    codec.train()
-                    extra = {"step": done, "run_name": config.get("run_name"),
-                             **{k: float(v) for k, v in metrics.items() if k.startswith("val_")}}
-                    save_checkpoint(coder, Path(tmp) / MODEL_FILE, extra=extra)
-                    torch.save({"step": done, "optimizer": optimizer.state_dict(),
-                                "aux_optimizer": aux_optimizer.state_dict(),
-                                "config": {k: v for k, v in config.items() if not k.startswith("_")}},
-                               Path(tmp) / STATE_FILE)
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ckpt = self._write_checkpoint(Path(tmp), done, metrics) if w.rank == 0 else None
                 ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{done:08d}")
-        if rank == 0:
-            _print_progress(metrics, total)
-        history = []
-        t_interval = time.perf_counter()
+        if w.rank == 0:
+            _print_progress(metrics, w.total)
+        self.history = []
+        self.t_interval = time.perf_counter()
 
-    for step in range(start_step, total):
-        if fail_at is not None and step == int(fail_at) and rank == 0 and marker and not os.path.exists(marker):
-            # Crash only once the controller has taken in every report so far (V2 commits a
-            # checkpoint when it processes the report, asynchronously), so the test knows
-            # which checkpoint the restart must use; a real crash may lose the last one.
-            ray.train.get_all_reported_checkpoints(timeout_s=300)
-            Path(marker).parent.mkdir(parents=True, exist_ok=True)
-            Path(marker).write_text(f"failed once at step {step}\n")
-            os._exit(1)
+    def _write_checkpoint(self, folder: Path, done: int, metrics: dict[str, Any]) -> ray.train.Checkpoint:
+        """Rank 0: validate (the val metrics and ``rd_points`` go into ``metrics``), write ``model.pt``
+        of the coding-ready copy and ``train_state.pt`` into ``folder``; its ``ray.train.Checkpoint``."""
+        import ray.train
+
+        w = self.w
+        w.codec.eval()
+        if self.val is not None:
+            vm, rd, coder = validate(w.codec, self.val[0], self.val[1], self.points, w.loss_fn,
+                                     w.config["lambda_low"], w.config["lambda_high"],
+                                     w.config.get("val_encode_images", 2))
+            metrics.update(vm)
+            metrics["rd_points"] = rd
+        else:
+            coder = copy.deepcopy(w.codec).eval()
+            coder.update(force=True)
+        w.codec.train()
+        extra = {"step": done, "run_name": w.config.get("run_name"),
+                 **{k: float(v) for k, v in metrics.items() if k.startswith("val_")}}
+        save_checkpoint(coder, folder / MODEL_FILE, extra=extra)
+        torch.save({"step": done, "optimizer": w.optimizer.state_dict(), "aux_optimizer": w.aux_optimizer.state_dict(),
+                    "config": {k: v for k, v in w.config.items() if not k.startswith("_")}}, folder / STATE_FILE)
+        return ray.train.Checkpoint.from_directory(folder)
+
+
+def _train_step(w: _Worker, step: int, x: torch.Tensor, m: torch.Tensor) -> dict[str, float]:
+    """One step at the learning rate of its place in the schedule; its metrics."""
+    set_learning_rate(w.optimizer, learning_rate(step, w.total, w.config["lr"], w.config["lr_drop"]))
+    return train_step(w.net, x, m, w.loss_fn, w.optimizer, w.aux_optimizer, w.settings, w.rng, amp=w.amp)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The body every Ray Train worker runs; ``config`` is :meth:`TrainConfig.loop_config`."""
+    import ray.train
+
+    _quiet_ray_report_log()
+    w = _setup_worker(config)
+    batches = _batches(config, w.device)
+    reporter = _Reporter(w)
+    w.net.train()
+    for step in range(w.start_step, w.total):
+        _crash_once_if_asked(config, step, w.rank)
         x, m = next(batches)
-        set_learning_rate(optimizer, learning_rate(step, total, config["lr"], config["lr_drop"]))
-        metrics = train_step(net, x, m, loss_fn, optimizer, aux_optimizer, settings, rng, amp=amp)
-        done = step + 1
-        if record_times:
-            step_times.append(time.perf_counter())
-        history.append({"step": float(done), **metrics})
-        is_checkpoint = done % checkpoint_every == 0 or done == total
-        if is_checkpoint or done % report_every == 0:
-            do_report(done, is_checkpoint)
-    if start_step >= total:
+        reporter.step_done(step + 1, _train_step(w, step, x, m))
+    if w.start_step >= w.total:
         # Nothing left to train (a re-submitted finished run): report once, no new checkpoint.
-        ray.train.report({"step": start_step, "start_step": start_step, "world_size": world, "history": []})
+        ray.train.report({"step": w.start_step, "start_step": w.start_step, "world_size": w.world, "history": []})

@@ -49,11 +49,13 @@ from typing import Any, Sequence
 
 from pipeline.codec.models import ENTROPY_MODELS, MODELS
 from pipeline.data.dataset import DatasetError, check_crop, plan_shards, training_datasets
+from pipeline.errors import run_cli
 from pipeline.mlflow_store import resolve_tracking_uri
 from pipeline.ray_session import ensure_ray
 from pipeline.train import tracking
 from pipeline.train.loss import NORMALIZATIONS
-from pipeline.train.loop import DEFAULT_VAL_POINTS, MODEL_FILE, train_loop_per_worker
+from pipeline.train.loop import (DEFAULT_CHECKPOINT_EVERY, DEFAULT_REPORT_EVERY, DEFAULT_VAL_POINTS, MODEL_FILE,
+                                 train_loop_per_worker)
 
 DEFAULT_MODEL = {"N": 128, "M": 192, "n_rates": 4}
 SMOKE_MODEL = {"N": 16, "M": 24, "n_rates": 2}
@@ -122,8 +124,8 @@ class TrainConfig:
     omega: float = 3.0
     lambda_norm: str = "roi"  # see pipeline.train.loss
     ms_ssim_weight: float = 0.0
-    checkpoint_every: int = 500
-    report_every: int = 10
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    report_every: int = DEFAULT_REPORT_EVERY
     keep: int = 3
     num_workers: int = 1
     use_gpu: bool = False
@@ -457,8 +459,9 @@ def build_parser(variant: str | None = None, description: str | None = None) -> 
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of images held out (by image-id hash)")
     p.add_argument("--val-crop", type=int, help="validation centre-crop side (default 256, 64 with --smoke)")
     p.add_argument("--checkpoint-every", type=int, help="validate + checkpoint every N steps "
-                                                        "(default 500, 20 with --smoke)")
-    p.add_argument("--report-every", type=int, default=10, help="report metrics to Ray/MLflow every N steps")
+                                                        f"(default {DEFAULT_CHECKPOINT_EVERY}, 20 with --smoke)")
+    p.add_argument("--report-every", type=int, default=DEFAULT_REPORT_EVERY,
+                   help="report metrics to Ray/MLflow every N steps")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept (best by val_loss, plus the latest)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before the run fails")
     p.add_argument("--placement-strategy", default="PACK", type=str.upper, choices=PLACEMENT_STRATEGIES,
@@ -518,7 +521,8 @@ def config_from_args(args: argparse.Namespace, variant: str | None = None) -> Tr
         lr=pick(args.lr, 1e-4, 2e-3), aux_lr=args.aux_lr, lambda_low=pick(args.alpha_low, 0.0035, 0.0483),
         lambda_high=pick(args.alpha_high, 0.0483, 0.18),
         omega=args.omega, ms_ssim_weight=args.ms_ssim_weight,
-        checkpoint_every=pick(args.checkpoint_every, 500, 20), report_every=args.report_every, keep=args.keep,
+        checkpoint_every=pick(args.checkpoint_every, DEFAULT_CHECKPOINT_EVERY, 20), report_every=args.report_every,
+        keep=args.keep,
         num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
         max_failures=args.max_failures, placement_strategy=args.placement_strategy,
         run_name=args.run_name or (f"smoke-{variant}-{time.strftime('%Y%m%d-%H%M%S')}" if smoke else None),
@@ -526,23 +530,14 @@ def config_from_args(args: argparse.Namespace, variant: str | None = None) -> Tr
         registered_model=args.registered_model, seed=args.seed)
 
 
-def cli_main(argv: Sequence[str] | None = None, *, variant: str | None = None,
-             description: str | None = None) -> int:
-    """``jobs/train.py`` (and ``jobs/train_ggm.py`` with ``variant="ggm"``): 0 on success."""
-    args = build_parser(variant, description).parse_args(argv)
-    try:
-        if variant is not None:
-            _check_variant(variant)
-        cfg = config_from_args(args, variant)
-        outcome = train(cfg)
-    except (TrainError, DatasetError, ValueError, OSError) as exc:
-        print(f"error: {_first_line(exc)}", file=sys.stderr)
-        return 2 if isinstance(exc, (TrainError, DatasetError)) else 1
+def _print_outcome(outcome: TrainOutcome, json_out: str | None) -> None:
+    """A finished run as three lines, or as JSON: to the file ``json_out`` (and the three lines),
+    or with ``-`` as the last line of stdout."""
     summary = outcome.summary()
-    if args.json and args.json != "-":
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    if args.json == "-":
+    if json_out and json_out != "-":
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    if json_out == "-":
         print(json.dumps(summary, default=str), flush=True)
     else:
         m = summary["metrics"]
@@ -551,4 +546,23 @@ def cli_main(argv: Sequence[str] | None = None, *, variant: str | None = None,
         print(f"  checkpoint: {summary['model_file']}")
         print(f"  MLflow:     {summary['mlflow_uri']} (run {summary['mlflow_run_id']}, "
               f"model version {summary['model_version']}, champion {summary['champion_version']})")
-    return 0
+
+
+def cli_main(argv: Sequence[str] | None = None, *, variant: str | None = None,
+             description: str | None = None) -> int:
+    """``jobs/train.py`` (and ``jobs/train_ggm.py`` with ``variant="ggm"``): 0 on success; bad
+    settings or data: one ``error:`` line and 2, other bad input (an unreadable file, ...): 1."""
+    args = build_parser(variant, description).parse_args(argv)
+    outcome: TrainOutcome | None = None
+
+    def run() -> None:
+        nonlocal outcome
+        if variant is not None:
+            _check_variant(variant)
+        outcome = train(config_from_args(args, variant))
+
+    code = run_cli(run, None, (TrainError, DatasetError, ValueError, OSError), message=_first_line,
+                   exit_code=lambda exc: 2 if isinstance(exc, (TrainError, DatasetError)) else 1)
+    if code == 0:
+        _print_outcome(outcome, args.json)
+    return code
