@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
-from pipeline.codec.models import ENTROPY_MODELS, MODELS  # noqa: E402
+from pipeline.codec.models import ENTROPY_FAMILIES, ENTROPY_MODELS, MODELS  # noqa: E402
 from pipeline.demo import DEMO_STEPS, run_demo  # noqa: E402
 from pipeline.errors import run_cli  # noqa: E402
 
@@ -27,13 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entropy", default="hyperprior", choices=ENTROPY_MODELS,
                         help="entropy model of the latent (default hyperprior; context: channel groups with a "
                              "checkerboard context)")
+    parser.add_argument("--family", choices=ENTROPY_FAMILIES,
+                        help="entropy family of the latent (default: the variant's)")
     parser.add_argument("--roi-quality", type=float, default=0.1,
                         help="non-ROI value for the evaluation, in [0,1] (default 0.1)")
     args = parser.parse_args(argv)
 
     def demo() -> None:
         run_demo(args.out, steps=args.steps, variant=args.variant, roi_quality=args.roi_quality,
-                 entropy=args.entropy)
+                 entropy=args.entropy, family=args.family)
 
     return run_cli(demo, "demo", (ValueError, OSError, RuntimeError))
 

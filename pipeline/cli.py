@@ -12,6 +12,7 @@ from typing import Callable
 
 from pipeline.argtypes import positive, positive_int, unit_interval
 from pipeline.codec.bitstream import DEFAULT_MAX_PIXELS
+from pipeline.codec.models import ENTROPY_FAMILIES, ENTROPY_MODELS, family_options
 from pipeline.errors import run_cli
 from pipeline.eval.cli import (EVALUATE_DESCRIPTION, EVALUATE_EPILOG, EVALUATE_HELP, add_evaluate_arguments,
                                run_evaluate_command)
@@ -88,7 +89,10 @@ def _cmd_warm_start(args: argparse.Namespace) -> int:
     from pipeline.train.loss import rate_lambdas
 
     lambdas = rate_lambdas(args.n_rates, args.alpha_low, args.alpha_high)
-    model, report = warm_started(args.variant, args.weights, lambdas, args.init_lambda)
+    options = family_options(args.variant, args.family)
+    if args.entropy != "hyperprior":
+        options["entropy"] = args.entropy
+    model, report = warm_started(args.variant, args.weights, lambdas, args.init_lambda, **options)
     model.eval()
     save_checkpoint(model, args.output, extra={"step": 0, "init": report.as_dict(), "lambda_low": args.alpha_low,
                                                "lambda_high": args.alpha_high})
@@ -175,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("weights", help="compressai:mbt2018-mean:Q (from the torch hub cache; nothing is downloaded) "
                                    "or a weights file")
     p.add_argument("output", help="output checkpoint (.pt)")
-    p.add_argument("--variant", default="tlic", help="codec variant: tlic, sft, tma or ggm (default tlic)")
+    p.add_argument("--variant", default="tlic", choices=("tlic", "sft", "tma", "ggm"),
+                   help="codec variant (default tlic)")
+    p.add_argument("--entropy", choices=ENTROPY_MODELS, default="hyperprior",
+                   help="latent structure: hyperprior, or context (its context networks start fresh)")
+    p.add_argument("--family", choices=ENTROPY_FAMILIES, help="entropy family (default: the variant's)")
     p.add_argument("--n-rates", type=positive_int, default=4, help="rate points of the gain units (default 4)")
     p.add_argument("--alpha-low", type=positive, default=0.0035, help="lambda of the lowest rate point")
     p.add_argument("--alpha-high", type=positive, default=0.0483, help="lambda of the highest rate point")

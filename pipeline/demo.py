@@ -167,18 +167,20 @@ FINETUNE = {"steps": 800, "crop": 128, "batch_size": 4}
 def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant: str = "tma",
              max_side: int = 512, roi_quality: float = 0.1, model: dict[str, Any] | None = None, lr: float = 1e-3,
              finetune: dict[str, int] | None = None, picture_rate: float = 0.5,
-             held_out: Sequence[str] | None = None, entropy: str = "hyperprior") -> dict[str, Any]:
+             held_out: Sequence[str] | None = None, entropy: str = "hyperprior",
+             family: str | None = None) -> dict[str, Any]:
     """Run the whole pipeline on the real photos; return (and write) the summary.
 
     ``steps`` counts both training stages; ``finetune`` overrides :data:`FINETUNE`
     (``steps`` 0 skips the stage); ``max_side`` bounds the photos' longer side;
     ``picture_rate`` is the rate of the side-by-side pictures; ``held_out`` evaluates on some
-    of the held-out photos only (default: all of them); ``entropy`` is the model's entropy
-    model (its own training run: ``demo-photos-<variant>-context``).
+    of the held-out photos only (default: all of them); ``entropy`` (the latent structure) and
+    ``family`` (the entropy family, default the variant's) choose the model's entropy side (each
+    choice its own training run: ``demo-photos-<variant>[-context][-<family>]``).
     """
     import ray
 
-    from pipeline.codec.models import MODELS
+    from pipeline.codec.models import MODELS, family_options
     from pipeline.data.photos import HELD_OUT, OBJECTS, TRAIN, write_photo_set
     from pipeline.data.preprocess import preprocess
     from pipeline.eval.evaluate import EvaluationError
@@ -216,6 +218,9 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant:
         model = dict(model or {**DEFAULT_MODEL, **MODELS[variant].SMALL})
         if entropy != "hyperprior":
             model["entropy"] = entropy
+        model.update(family_options(variant, family))
+        run_name = "-".join([f"demo-photos-{variant}", *([entropy] if entropy != "hyperprior" else []),
+                             *([model["family"]] if "family" in model else [])])
         base = TrainConfig(
             shards=str(paths.shards), variant=variant, model=model, steps=steps - tune["steps"],
             # 64 px crops (a quarter of the cost of 128 px ones per step), half of them
@@ -224,7 +229,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant:
             checkpoint_every=max(steps // 3, 1),
             report_every=max(steps // 50, 1), keep=2, num_workers=1, cpus_per_worker=1.0,
             # one thread: on 2 cores, a second intra-op thread made these small steps ~15% slower
-            torch_threads=1, run_name=f"demo-photos-{variant}" + ("" if entropy == "hyperprior" else f"-{entropy}"),
+            torch_threads=1, run_name=run_name,
             storage_path=str(paths.runs),
             mlflow_uri=paths.mlflow_uri, experiment=EXPERIMENT)
         latest = latest_checkpoint(str(paths.runs), base.run_name)

@@ -247,6 +247,16 @@ class ROICodec(CompressionModel):
         return {"x_hat": self.decode_latent(state["y_hat"], state["z_hat"], rate).clamp_(0, 1)}
 
 
+def family_options(variant: str, family: str | None, beta_mode: str | None = None) -> dict[str, Any]:
+    """The model options of a command line's ``--family`` / ``--beta-mode`` (empty: the preset's family)."""
+    options: dict[str, Any] = {}
+    if family is not None and family != MODELS[variant].family:
+        options["family"] = family
+    if beta_mode is not None:
+        options["beta_mode"] = beta_mode
+    return options
+
+
 def build_model(variant: str, **config: Any) -> ROICodec:
     """Build a preset with any parts and options, e.g. ``build_model("tlic", N=64, M=96)``,
     ``build_model("sft", family="generalized_gaussian", beta_mode="channel", entropy="context")``.

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
-from pipeline.codec.models import ENTROPY_MODELS, MODELS
+from pipeline.codec.models import ENTROPY_FAMILIES, ENTROPY_MODELS, MODELS, family_options
 from pipeline.data.dataset import DatasetError, check_crop, plan_shards, training_datasets
 from pipeline.errors import run_cli
 from pipeline.mlflow_store import resolve_tracking_uri
@@ -220,11 +220,17 @@ class TrainOutcome:
                 "metrics": {k: self.metrics[k] for k in keep if k in self.metrics}}
 
 
-def _check_variant(variant: str) -> None:
-    from pipeline.codec.models import MODELS
+def _check_model(cfg: TrainConfig) -> None:
+    """The variant and its options build a model (before Ray starts)."""
+    from pipeline.codec.models import build_model
 
-    if variant not in MODELS:
-        raise TrainError(f"codec variant {variant!r} is not registered (available: {', '.join(sorted(MODELS))})")
+    if cfg.variant not in MODELS:
+        raise TrainError(f"codec variant {cfg.variant!r} is not registered (available: {', '.join(sorted(MODELS))})")
+    if not cfg.init:  # with --init, N and M come from the weights: warm_start_model builds it
+        try:
+            build_model(cfg.variant, **cfg.model)
+        except ValueError as exc:
+            raise TrainError(f"model: {exc}") from None
 
 
 def warm_start_model(cfg: TrainConfig) -> tuple[Any, Any]:
@@ -275,7 +281,7 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
     from ray.train.torch import TorchTrainer
 
     cfg = (config if isinstance(config, TrainConfig) else TrainConfig(**config)).resolved()
-    _check_variant(cfg.variant)
+    _check_model(cfg)
     try:
         plan = plan_shards(cfg.shards, cfg.val_fraction)  # bad data fails here, before Ray starts
     except DatasetError as exc:
@@ -412,7 +418,9 @@ def build_parser(variant: str | None = None, description: str | None = None) -> 
         epilog="Re-running with the same --run-name and --storage-path resumes from the latest checkpoint "
                "(step counter included) and logs into the same MLflow run.")
     if variant is None:
-        p.add_argument("--variant", default="tma", help="codec variant: tlic, sft, tma, ggm or swin")
+        p.add_argument("--variant", default="tma", choices=sorted(MODELS),
+                       help="codec variant (its transforms, and its entropy family unless --family says otherwise): "
+                            "tlic, sft, tma, swin (Gaussian) or ggm (sft with a generalized Gaussian)")
     p.add_argument("--shards", help="folder (or file) of Parquet mask shards from jobs/preprocess_masks.py; "
                                     "optional with --smoke")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
@@ -431,6 +439,10 @@ def build_parser(variant: str | None = None, description: str | None = None) -> 
     p.add_argument("--entropy", choices=ENTROPY_MODELS, default="hyperprior",
                    help="entropy model of the latent: hyperprior (mean-scale) or context (channel groups with a "
                         "checkerboard context, ELIC-style; see docs/training.md)")
+    p.add_argument("--family", choices=ENTROPY_FAMILIES,
+                   help="entropy family of the latent (default: the variant's; ggm's is generalized_gaussian)")
+    p.add_argument("--beta-mode", choices=("element", "channel"),
+                   help="generalized Gaussian shape per element (predicted) or per channel (learned); default element")
     p.add_argument("--init", metavar="WEIGHTS",
                    help="warm start a new run from compressai:mbt2018-mean:Q (CompressAI's pretrained weights of "
                         "quality 1-8, read from the torch hub cache) or a file (a CompressAI MeanScaleHyperprior "
@@ -504,6 +516,7 @@ def config_from_args(args: argparse.Namespace, variant: str | None = None) -> Tr
              "n_rates": pick(args.n_rates, base["n_rates"], base["n_rates"])}
     if args.entropy != "hyperprior":
         model["entropy"] = args.entropy
+    model.update(family_options(variant, args.family, args.beta_mode))
     if smoke and variant in MODELS:
         model.update(MODELS[variant].SMALL)
     if args.init:  # N and M not given: the --init weights' (train() reads them)
@@ -557,8 +570,6 @@ def cli_main(argv: Sequence[str] | None = None, *, variant: str | None = None,
 
     def run() -> None:
         nonlocal outcome
-        if variant is not None:
-            _check_variant(variant)
         outcome = train(config_from_args(args, variant))
 
     code = run_cli(run, None, (TrainError, DatasetError, ValueError, OSError), message=_first_line,
