@@ -182,7 +182,26 @@ def load_training_checkpoint(directory: str | Path, model: ROICodec) -> dict[str
     # a run started before checkpoint format 2 resumes too: the coding state it lacks is
     # derived, and rebuilt by the next checkpoint's update()
     model.load_state_dict(blob["state_dict"], strict=blob.get("format") == CHECKPOINT_FORMAT)
-    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    saved = model.upgrade_state_dict(blob["state_dict"])
+    if list(saved) != list(model.state_dict()):  # another parameter order: a run from before the parts
+        params = [n for n, _ in model.named_parameters()]
+        old = [n for n in saved if n in set(params)]
+        for key, aux in (("optimizer", False), ("aux_optimizer", True)):
+            if key in state:
+                pick = [n for n in params if n.endswith(".quantiles") == aux]
+                state[key] = reorder_optimizer_state(state[key], [n for n in old if n in set(pick)], pick)
+    return state
+
+
+def reorder_optimizer_state(state: dict[str, Any], saved_order: list[str], order: list[str]) -> dict[str, Any]:
+    """An optimizer state dict (one parameter group, by position) saved for parameters in
+    ``saved_order``, for the same parameters in ``order``."""
+    if sorted(saved_order) != sorted(order) or len(state["param_groups"]) != 1:
+        raise ValueError("the checkpoint's optimizer state does not fit this model's parameters")
+    position = {name: i for i, name in enumerate(saved_order)}
+    moved = {i: state["state"][position[name]] for i, name in enumerate(order) if position[name] in state["state"]}
+    return {"state": moved, "param_groups": [{**state["param_groups"][0], "params": list(range(len(order)))}]}
 
 
 def _average_quantiles(model: ROICodec, world: int) -> None:
