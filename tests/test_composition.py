@@ -185,3 +185,28 @@ def test_every_combination_is_honest_and_portable(transforms, family, structure)
             other_indexes, other_symbols = coded_state(other, data)
             assert torch.equal(other_indexes, indexes) and torch.equal(other_symbols, symbols), name
             assert image_hash(decode(other, data, float64=True)) == reference64, name
+
+
+def test_training_jobs_and_warm_start_take_the_family(tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.train.trainer import build_parser, cli_main, config_from_args
+
+    parse = build_parser().parse_args
+    model = config_from_args(parse(["--shards", "x", "--variant", "tlic", "--family", "generalized_gaussian",
+                                    "--beta-mode", "channel"])).model
+    assert model["family"] == "generalized_gaussian" and model["beta_mode"] == "channel"
+    assert "family" not in config_from_args(parse(["--shards", "x", "--variant", "ggm",
+                                                   "--family", "generalized_gaussian"])).model
+    # a Gaussian has no shape: one line before anything starts
+    assert cli_main(["--smoke", "--variant", "tma", "--beta-mode", "channel",
+                     "--storage-path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "beta_mode" in err
+    from compressai.models import MeanScaleHyperprior
+
+    torch.manual_seed(0)
+    torch.save(MeanScaleHyperprior(32, 48).state_dict(), tmp_path / "msh.pth")
+    assert main(["warm-start", str(tmp_path / "msh.pth"), str(tmp_path / "gg.pt"), "--variant", "tma",
+                 "--family", "generalized_gaussian", "--n-rates", "2"]) == 0
+    loaded = load_checkpoint(tmp_path / "gg.pt")
+    assert loaded.family.name == "generalized_gaussian" and loaded.variant == "tma"
