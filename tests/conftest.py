@@ -35,6 +35,15 @@ def tiny_model(variant: str, **config) -> ROICodec:
     return build_model(variant, **TINY, **MODELS[variant].SMALL, **config)
 
 
+def coding_sized(model: ROICodec) -> ROICodec:
+    """A random-init ``model`` in eval mode, tables built, its latent scaled to a trained model's
+    size (gains x30: a random-init latent is close to all-zero symbols)."""
+    with torch.no_grad():
+        model.gain.gain.mul_(30.0)
+    model.eval().update(force=True)
+    return model
+
+
 def run_job_script(script: Path, args: list[str]) -> int:
     """Run a job script as ``python script args`` in this process; return its exit code."""
     saved = sys.argv, list(sys.path)  # the scripts put the checkout first on sys.path

@@ -27,7 +27,7 @@ from pipeline.train.local import train_local
 from pipeline.train.loss import bits_per_pixel as estimated_bpp
 from pipeline.train.steps import make_optimizers
 
-from conftest import TINY, encoder_side, image_and_mask, tiny_model
+from conftest import TINY, coding_sized, encoder_side, image_and_mask, tiny_model
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 TRANSFORMS = ["tlic", "sft", "tma", "swin"]
@@ -82,10 +82,7 @@ def test_options_of_another_part_are_refused(options, message):
 def test_new_combinations_round_trip_and_save(transforms, family, structure, tmp_path):
     """Combinations no preset had: the decoder rebuilds the encoder's own image, and a checkpoint
     keeps the fingerprint and the decoded image."""
-    model = combination(transforms, family, structure)
-    with torch.no_grad():  # a random-init latent is close to all-zero symbols: give it a trained model's size
-        model.gain.gain.mul_(30.0)
-    model.eval().update(force=True)
+    model = coding_sized(combination(transforms, family, structure))
     x, m = image_and_mask(70, 90, seed=3)
     data = encode(model, x, m, 0.3, 0.6)
     state = encoder_side(model, x, m, 0.3, 0.6)

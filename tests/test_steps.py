@@ -15,7 +15,7 @@ from pipeline.codec.steps import (STEP_ONE, QuantSteps, background_quarters, pac
                                   unpack_cells)
 from pipeline.eval.metrics import roi_psnr
 
-from conftest import VARIANTS, encoder_side, image_and_mask, tiny_model
+from conftest import VARIANTS, coding_sized, encoder_side, image_and_mask, tiny_model
 
 
 def test_background_step_is_one_over_q_in_quarters():
@@ -60,10 +60,8 @@ def test_background_symbols_use_the_step_and_roi_symbols_do_not(untrained, varia
     """At Q = 0.1 the decoder rebuilds the encoder's own image; against the same latent coded
     with step 1, the background's symbols are ~10x smaller and (without a context model, whose
     context the background changes) the ROI's are the same."""
-    model = copy.deepcopy(untrained[variant]) if entropy == "hyperprior" else tiny_model(variant, entropy=entropy)
-    with torch.no_grad():  # a random-init latent is close to all-zero symbols: give it a trained model's size
-        model.gain.gain.mul_(30.0)
-    model.eval().update(force=True)
+    model = coding_sized(copy.deepcopy(untrained[variant]) if entropy == "hyperprior"
+                         else tiny_model(variant, entropy=entropy))
     x, m = image_and_mask(128, 192, seed=5)
     state = encoder_side(model, x, m, 0.1, 0.6)
     data = encode(model, x, m, 0.1, 0.6)
