@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.errors import first_line as one_line
+
 log = logging.getLogger("roicodec.serve")
 
 
@@ -25,12 +27,6 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = int(status), message
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name when empty)."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
