@@ -118,6 +118,20 @@ def test_legacy_checkpoints_keep_fingerprint_files_and_encoder(name, tmp_path):
     assert image_hash(x_hat[..., :header.height, :header.width].float()) != entry["files"]["uniform"]["decoded_sha256"]
 
 
+def test_a_seed_initialises_every_preset_as_before_the_parts():
+    """The parts are built in the order the codec was: a seed gives the same initial weights
+    (fingerprints of seeded, untrained models written at 2590c8b), so training is unchanged too."""
+    expected = json.loads((LEGACY / "init_fingerprints.json").read_text())
+    for name, want in expected.items():
+        variant, _, structure = name.partition("_")
+        torch.manual_seed(0)
+        model = build_model(variant, N=16, M=32, n_rates=2, **MODELS[variant].SMALL,
+                            **({"entropy": structure} if structure else {}))
+        assert fingerprint(model).hex() == want, name
+    torch.manual_seed(1)  # the harness: another draw is another model
+    assert fingerprint(build_model("tlic", N=16, M=32, n_rates=2)).hex() != expected["tlic"]
+
+
 def test_legacy_training_run_resumes_with_its_optimizer_state(tmp_path):
     """A training checkpoint of the old layout (other parameter names and order) resumes: weights
     renamed, and each parameter's Adam moments reach that parameter."""

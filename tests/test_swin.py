@@ -43,7 +43,7 @@ def test_paper_size_and_layout():
     assert (first.kernel_size, first.stride, last.kernel_size, last.stride) == ((5, 5), (2, 2), (5, 5), (2, 2))
     assert len(model.g_a.sfts) == len(model.g_s.sfts) == 4  # the mask enters every stage
     # the hyper-decoder selects coding tables: convolutions only, so it has an integer twin
-    assert {type(m) for m in model.h_s} <= {nn.Conv2d, nn.ConvTranspose2d, nn.LeakyReLU}
+    assert {type(m) for m in model.latent_codec.h_s} <= {nn.Conv2d, nn.ConvTranspose2d, nn.LeakyReLU}
 
 
 def test_config_rebuilds_the_model_and_bad_shapes_are_refused():

@@ -5,7 +5,7 @@ CompressAI's ``SimpleVAECompressionModel``; each part is chosen by name:
 
 - transforms (:mod:`pipeline.codec.transforms`): ``tlic``, ``sft``, ``tma``, ``swin``: the
   analysis ``g_a(x, m)`` conditioned on the effective mask, the synthesis ``g_s(y_hat, z_hat)``
-  (never the mask) and the hyper-analysis;
+  (never the mask) and, for ``swin``, its own hyper-analysis;
 - entropy family (:mod:`pipeline.codec.entropy.families`): ``gaussian`` or
   ``generalized_gaussian`` (``beta_mode`` element or channel);
 - latent structure (:mod:`pipeline.codec.latent`, the ``entropy`` option): ``hyperprior`` or
@@ -276,12 +276,14 @@ def build_model(variant: str, **config: Any) -> ROICodec:
     if family_name not in FAMILIES:
         raise ValueError(f"unknown entropy family {family_name!r}; choose from {list(FAMILIES)}")
     family_options = _take(config, FAMILIES[family_name], skip=1)
-    structure_options = _take(config, STRUCTURES[structure], skip=4)
+    structure_options = _take(config, STRUCTURES[structure], skip=3)
     transforms_options = _take(config, kind, skip=2)
     if config:
         raise ValueError(f"{variant} ({kind.name} transforms, {family_name}, {structure}) takes no option(s) "
                          f"{', '.join(sorted(config))}")
+    # the order a seed initialised the codec in before it was composed from parts
+    latent = build_latent(structure, N, M, build_family(family_name, M, **family_options), **structure_options)
     transforms = build_transforms(kind.name, N, M, **transforms_options)
-    family = build_family(family_name, M, **family_options)
-    latent = build_latent(structure, N, M, family, transforms.h_a, **structure_options)
+    if transforms.h_a is not None:
+        latent.h_a = transforms.h_a
     return ROICodec(variant, transforms, latent, n_rates)

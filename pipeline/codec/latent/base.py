@@ -24,6 +24,12 @@ HYPER_LEGACY_NAMES = {"h_a": "latent_codec.h_a", "h_s": "latent_codec.h_s",
                       "entropy_bottleneck": "latent_codec.entropy_bottleneck", "hyper_int": "latent_codec.hyper_int"}
 
 
+def hyper_analysis_layers(N: int, M: int) -> nn.Sequential:
+    """MeanScaleHyperprior's ``h_a``."""
+    return nn.Sequential(conv(M, N, stride=1, kernel_size=3), nn.LeakyReLU(inplace=True),
+                         conv(N, N), nn.LeakyReLU(inplace=True), conv(N, N))
+
+
 def hyper_synthesis_layers(N: int, M: int, out_channels: int) -> nn.Sequential:
     """MeanScaleHyperprior's ``h_s`` with ``out_channels`` entropy parameters."""
     return nn.Sequential(deconv(N, M), nn.LeakyReLU(inplace=True), deconv(M, M * 3 // 2), nn.LeakyReLU(inplace=True),
@@ -36,18 +42,21 @@ class LatentStructure(nn.Module):
     Args:
         N, M: hyper-latent and latent channels.
         family: the entropy family that codes y.
-        h_a: the hyper-analysis (the transforms' choice).
+
+    ``h_a`` is MeanScaleHyperprior's; transforms with their own hyper-analysis replace it
+    (``swin``). The construction order (and so what a seed initialises) is the one the codec
+    had before it was composed from parts: the same seed gives the same initial weights.
     """
 
     name: ClassVar[str]
     legacy_names: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, N: int, M: int, family: EntropyFamily, h_a: nn.Module) -> None:
+    def __init__(self, N: int, M: int, family: EntropyFamily) -> None:
         super().__init__()
         self.N, self.M = N, M
         self.family = family
         self.entropy_bottleneck = EntropyBottleneck(N)
-        self.h_a = h_a
+        self.h_a: nn.Module = hyper_analysis_layers(N, M)
         self.h_s = hyper_synthesis_layers(N, M, family.params_per_channel * M)
         self.hyper_int = IntegerHyperSynthesis(self.h_s, N)
 

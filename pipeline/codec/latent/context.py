@@ -94,7 +94,7 @@ class ContextLatent(LatentStructure):
     """Channel groups x checkerboard context for the latent y, with an integer coding path.
 
     Args:
-        N, M, family, h_a: as :class:`~pipeline.codec.latent.base.LatentStructure`.
+        N, M, family: as :class:`~pipeline.codec.latent.base.LatentStructure`.
         groups: channels per group (they sum to M; default :func:`default_groups`).
         context_hidden: width of the channel-context networks (default N).
     """
@@ -102,9 +102,9 @@ class ContextLatent(LatentStructure):
     name = "context"
     legacy_names = {**HYPER_LEGACY_NAMES, "context": "latent_codec"}
 
-    def __init__(self, N: int, M: int, family: EntropyFamily, h_a: nn.Module, groups: list[int] | None = None,
+    def __init__(self, N: int, M: int, family: EntropyFamily, groups: list[int] | None = None,
                  context_hidden: int | None = None) -> None:
-        super().__init__(N, M, family, h_a)
+        super().__init__(N, M, family)
         groups = list(groups) if groups is not None else default_groups(M)
         if sum(groups) != M or min(groups) < 1:
             raise ValueError(f"channel groups {groups} must be positive and sum to M={M}")

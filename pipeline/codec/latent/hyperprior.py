@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from pipeline.codec.entropy import EntropyFamily, pad_for_decoding
 from pipeline.codec.latent.base import HYPER_LEGACY_NAMES, LatentStructure
@@ -18,8 +18,8 @@ class HyperpriorLatent(LatentStructure):
     name = "hyperprior"
     legacy_names = {**HYPER_LEGACY_NAMES, "table_index": "latent_codec.table_index"}
 
-    def __init__(self, N: int, M: int, family: EntropyFamily, h_a: nn.Module) -> None:
-        super().__init__(N, M, family, h_a)
+    def __init__(self, N: int, M: int, family: EntropyFamily) -> None:
+        super().__init__(N, M, family)
         self.table_index = family.make_table_index(M)
 
     def forward_y(self, y: Tensor, side: Tensor, steps: QuantSteps | None) -> tuple[Tensor, Tensor]:

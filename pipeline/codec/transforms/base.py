@@ -22,18 +22,13 @@ def synthesis_layers(N: int, M: int) -> nn.Sequential:
                          deconv(N, N), GDN(N, inverse=True), deconv(N, 3))
 
 
-def hyper_analysis_layers(N: int, M: int) -> nn.Sequential:
-    """MeanScaleHyperprior's ``h_a``."""
-    return nn.Sequential(conv(M, N, stride=1, kernel_size=3), nn.LeakyReLU(inplace=True),
-                         conv(N, N), nn.LeakyReLU(inplace=True), conv(N, N))
-
-
 class Transforms:
     """A kind of analysis/synthesis transforms, built for ``N``, ``M`` and its options.
 
     ``g_a(x, m) -> y`` takes the image and the effective mask (non-ROI pixels at Q);
     ``g_s(y_hat, z_hat) -> x_hat`` may use the decoded hyper-latent (never the mask);
-    ``h_a(y) -> z``. ``config`` holds the options that rebuild it.
+    ``h_a(y) -> z``, when not None, replaces the latent structure's hyper-analysis (which is
+    MeanScaleHyperprior's). ``config`` holds the options that rebuild it.
     """
 
     name: ClassVar[str]
@@ -49,7 +44,7 @@ class Transforms:
 
     g_a: nn.Module
     g_s: nn.Module
-    h_a: nn.Module
+    h_a: nn.Module | None = None
     config: dict[str, Any]
 
     def adapt_warm_start(self, name: str, value: Tensor) -> tuple[Tensor, str | None]:

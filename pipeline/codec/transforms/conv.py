@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.codec.layers import LatentMaskAttention, pool_mask
-from pipeline.codec.transforms.base import ConvSynthesis, Transforms, analysis_layers, hyper_analysis_layers
+from pipeline.codec.transforms.base import ConvSynthesis, Transforms, analysis_layers
 
 # MeanScaleHyperprior's g_a / g_s are ours, one level down
 CONV_WARM_START = {"g_a": "g_a.net", "g_s": "g_s.net"}
@@ -52,17 +52,15 @@ class TLICTransforms(Transforms):
             raise ValueError("protected channels must lie in [0, M]")
         self.g_a = ScaledAnalysis(N, M, alpha, protected, smooth_kernel)
         self.g_s = ConvSynthesis(N, M)
-        self.h_a = hyper_analysis_layers(N, M)
         self.config = {"alpha": alpha, "protected": protected, "smooth_kernel": smooth_kernel}
 
 
 class MaskInputAnalysis(nn.Module):
     """TMA's analysis: the mask as a fourth input channel, then latent mask attention."""
 
-    def __init__(self, N: int, M: int, attention_hidden: int, attention_prior: float | None) -> None:
+    def __init__(self, net: nn.Sequential, attention: LatentMaskAttention) -> None:
         super().__init__()
-        self.net = analysis_layers(4, N, M)
-        self.attention = LatentMaskAttention(M, attention_hidden, prior_alpha=attention_prior)
+        self.net, self.attention = net, attention
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         return self.attention(self.net(torch.cat([x, mask], dim=1)), mask)
@@ -76,9 +74,9 @@ class TMATransforms(Transforms):
     legacy_names = {"g_a": "g_a.net", "g_s": "g_s.net", "attention": "g_a.attention"}
 
     def __init__(self, N: int, M: int, attention_hidden: int = 32, attention_prior: float | None = 0.1) -> None:
-        self.g_a = MaskInputAnalysis(N, M, attention_hidden, attention_prior)
-        self.g_s = ConvSynthesis(N, M)
-        self.h_a = hyper_analysis_layers(N, M)
+        net = analysis_layers(4, N, M)
+        self.g_s = ConvSynthesis(N, M)  # built before the attention: the order a seed initialised before the parts
+        self.g_a = MaskInputAnalysis(net, LatentMaskAttention(M, attention_hidden, prior_alpha=attention_prior))
         self.config = {"attention_hidden": attention_hidden, "attention_prior": attention_prior}
 
     def adapt_warm_start(self, name: str, value: Tensor) -> tuple[Tensor, str | None]:

@@ -16,7 +16,7 @@ from compressai.models.utils import conv, deconv
 from torch import Tensor, nn
 
 from pipeline.codec.layers import SFT, MaskImageCondition, hyper_condition
-from pipeline.codec.transforms.base import Transforms, hyper_analysis_layers
+from pipeline.codec.transforms.base import Transforms
 
 
 class SFTAnalysis(nn.Module):
@@ -66,5 +66,4 @@ class SFTTransforms(Transforms):
     def __init__(self, N: int, M: int, cond_channels: int = 32) -> None:
         self.g_a = SFTAnalysis(N, M, cond_channels)
         self.g_s = SFTSynthesis(N, M, cond_channels)
-        self.h_a = hyper_analysis_layers(N, M)
         self.config = {"cond_channels": cond_channels}
