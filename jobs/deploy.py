@@ -95,9 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     args = app_args(ns)
 
     def check() -> None:  # one-line errors before starting anything
-        ServeSettings.from_args(args)
+        s = ServeSettings.from_args(args)  # loads and checks a checkpoint file
+        if s.model_uri:  # the registered model, checked as every replica will load it
+            from pipeline.codec.checkpoint import load_checkpoint
+            from pipeline.mlflow_store import resolve_checkpoint
 
-    code = run_cli(check, "deploy.py", (ValueError, OSError))
+            load_checkpoint(resolve_checkpoint(None, s.model_uri, s.mlflow_tracking_uri)[0])
+
+    from mlflow.exceptions import MlflowException
+
+    code = run_cli(check, "deploy.py", (ValueError, OSError, MlflowException))
     if code:
         return code
     if not ray.is_initialized():

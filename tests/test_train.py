@@ -215,7 +215,7 @@ def test_two_worker_run_writes_checkpoints_and_mlflow(first_run):
     assert ckpts == ["checkpoint_00000003", "checkpoint_00000006"]
     model = load_checkpoint(Path(out.checkpoint) / "model.pt")
     assert model.variant == "tlic" and checkpoint_extra(Path(out.checkpoint) / "model.pt")["step"] == 6
-    state = torch.load(Path(out.checkpoint) / "train_state.pt", weights_only=False)
+    state = torch.load(Path(out.checkpoint) / "train_state.pt", weights_only=True)
     assert state["step"] == 6 and state["optimizer"]["state"]
 
     assert out.mlflow_uri == f"sqlite:///{storage / 'mlflow.db'}"

@@ -50,8 +50,12 @@ class ServeSettings:
         s = cls(**args)
         if bool(s.checkpoint) == bool(s.model_uri):
             raise ValueError("give exactly one of 'checkpoint' (a file) or 'model_uri' (models:/NAME@champion)")
-        if s.checkpoint and not s.model_uri and not Path(s.checkpoint).is_file():
-            raise ValueError(f"checkpoint not found: {s.checkpoint}")
+        if s.checkpoint and not s.model_uri:
+            # loaded (and checked: damaged, crafted, another format) here, once: a bad checkpoint is
+            # one CheckpointError line at start, not replicas that fail to start
+            from pipeline.codec.checkpoint import load_checkpoint
+
+            load_checkpoint(Path(s.checkpoint))
         if isinstance(s.clip_config, (str, Path)):
             # read on the driver so replicas on other nodes need not see the file
             from pipeline.masks.text import load_clip_config

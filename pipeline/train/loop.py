@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from pipeline.codec.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+from pipeline.codec.checkpoint import CHECKPOINT_FORMAT, check_fingerprint, read_checkpoint, save_checkpoint
 from pipeline.codec.coding import bits_per_pixel as file_bpp
 from pipeline.codec.coding import decode, encode
 from pipeline.codec.models import ROICodec, build_model
@@ -174,15 +174,18 @@ def _load_val(config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | Non
 # -- checkpoints --------------------------------------------------------------------------------
 
 def load_training_checkpoint(directory: str | Path, model: ROICodec) -> dict[str, Any]:
-    """Load ``model.pt`` weights into ``model``; return the ``train_state.pt`` dict."""
+    """Load ``model.pt`` weights into ``model`` (checked as :func:`load_checkpoint` checks them:
+    a damaged file is a ``CheckpointError``); return the ``train_state.pt`` dict."""
     directory = Path(directory)
-    blob = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
-    if blob.get("variant") != model.variant:
-        raise ValueError(f"checkpoint holds variant {blob.get('variant')!r}, training {model.variant!r}")
+    blob = read_checkpoint(directory / MODEL_FILE)
+    if blob["variant"] != model.variant:
+        raise ValueError(f"checkpoint holds variant {blob['variant']!r}, training {model.variant!r}")
     # a run started before checkpoint format 2 resumes too: the coding state it lacks is
     # derived, and rebuilt by the next checkpoint's update()
-    model.load_state_dict(blob["state_dict"], strict=blob.get("format") == CHECKPOINT_FORMAT)
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    model.load_state_dict(blob["state_dict"], strict=blob["format"] == CHECKPOINT_FORMAT)
+    check_fingerprint(model, blob, directory / MODEL_FILE)
+    # optimizer states, the step and the run's config: data, never code
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     saved = model.upgrade_state_dict(blob["state_dict"])
     if list(saved) != list(model.state_dict()):  # another parameter order: a run from before the parts
         params = [n for n, _ in model.named_parameters()]
