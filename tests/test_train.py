@@ -228,7 +228,7 @@ def test_two_worker_run_writes_checkpoints_and_mlflow(first_run):
     assert run.data.params["init"] == str(storage / "msh.pth")
     assert "MeanScaleHyperprior weights N=16 M=24" in run.data.tags["init_source"]
     assert run.data.tags["init_fresh_layers"] == "none" and run.data.tags["init_rate_point"] == "1"
-    assert (model.g_s[6].bias - INIT_OUTPUT_BIAS).abs().max() < 0.05
+    assert (model.g_s.net[6].bias - INIT_OUTPUT_BIAS).abs().max() < 0.05
     steps = {m.step for m in c.get_metric_history(out.mlflow_run_id, "train/loss")}
     assert steps == {1, 2, 3, 4, 5, 6}  # every step reached MLflow
     assert {m.step for m in c.get_metric_history(out.mlflow_run_id, "val_loss")} == {3, 6}
