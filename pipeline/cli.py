@@ -33,7 +33,8 @@ knobs:
   --rate R          position on the model's continuous rate scale, in [0,1]
                     (gain units): 0 = smallest file, 1 = best quality.
   --target-bpp B    instead of --rate: search the rate for a file of at most B
-                    bits per pixel (real file size)."""
+                    bits per pixel (real file size); when even rate 0 makes a
+                    larger file, say so and write nothing (exit code 1)."""
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:

@@ -80,3 +80,45 @@ def test_lower_roi_quality_takes_bits_from_the_background_only(trained, rate, va
     assert mean(background_bits) < 0.3 and mean(roi_bits) > 0.7, (roi_bits, background_bits)
     assert mean(nonroi_loss) > 1.0, nonroi_loss
     assert mean(roi_change) > -0.3, roi_change
+
+
+def test_target_bpp_bisects_to_the_budget_or_says_it_cannot(trained, tmp_path, capsys):
+    """``--target-bpp`` between the sizes at rate 0 and 1: the file is at most the target and the
+    rate one bisection step (2^-12) up makes a larger one, so the search ended on the budget's
+    edge. Measured (128x128, 0.151-0.336 bpp): targets 0.2065 / 0.2808 bpp gave 0.2056 / 0.2798,
+    0.5% under, and one step up is 4 bytes (0.002 bpp) more: asserted within 2%.
+    Below rate 0's size: a ValueError naming the smallest bpp, and the command says so in one
+    line, writes no file and exits 1 (it used to write rate 0's file over budget, exit 0)."""
+    from pipeline.cli import main
+    from pipeline.codec.checkpoint import save_checkpoint
+    from pipeline.codec.coding import bits_per_pixel, encode_at_target_bpp, tensor_to_image
+
+    model = trained("sft")
+    x, m = image_and_mask(128, 128, seed=5)
+
+    def bpp(data: bytes) -> float:
+        return bits_per_pixel(data, 128, 128)
+
+    smallest, largest = (bpp(encode(model, x, m, 0.3, r)) for r in (0.0, 1.0))
+    for share in (0.3, 0.7):
+        target = smallest + share * (largest - smallest)
+        data, rate = encode_at_target_bpp(model, x, m, 0.3, target)
+        assert 0.0 < rate < 1.0 and data == encode(model, x, m, 0.3, rate)
+        one_step_up = bpp(encode(model, x, m, 0.3, rate + 2 ** -12))
+        assert bpp(data) <= target < one_step_up, (bpp(data), target, one_step_up)
+        assert bpp(data) >= 0.98 * target, (bpp(data), target)
+    with pytest.raises(ValueError, match=f"smallest file .* is {smallest:.4f} bpp"):
+        encode_at_target_bpp(model, x, m, 0.3, 0.9 * smallest)
+
+    ckpt = save_checkpoint(model, tmp_path / "sft.pt")
+    tensor_to_image(x).save(tmp_path / "in.png")
+    tensor_to_image(m.expand(1, 3, -1, -1)).save(tmp_path / "mask.png")
+    common = ["compress", str(tmp_path / "in.png"), "--checkpoint", str(ckpt), "--mask", str(tmp_path / "mask.png"),
+              "--roi-quality", "0.3", "-o", str(tmp_path / "out.roic")]
+    assert main([*common, "--target-bpp", f"{0.5 * smallest:.4f}"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("roicodec: error: no rate meets") and "smallest file" in lines[0]
+    assert not (tmp_path / "out.roic").exists()
+    target = round((smallest + largest) / 2, 4)
+    assert main([*common, "--target-bpp", str(target)]) == 0
+    assert 0.98 * target <= bpp((tmp_path / "out.roic").read_bytes()) <= target

@@ -127,13 +127,21 @@ def encode_at_target_bpp(model: ROICodec, x: torch.Tensor, mask: torch.Tensor | 
                          ) -> tuple[bytes, float]:
     """Bisect the continuous rate knob for the largest file not above ``target_bpp``.
 
-    Returns the bytes and the rate used; if even rate 0 is above target, rate 0's file.
+    Returns the bytes and the rate used: rate 1's file when it fits, else the rate found by
+    ``iterations`` halvings of [0, 1] (a step of 2^-12 by default), whose file is at most
+    ``target_bpp`` while the rate one step up makes a larger one. Raises ``ValueError`` naming
+    the smallest bpp reachable (rate 0's file) when even that is above ``target_bpp``: the
+    model cannot meet the budget at this ``roi_quality`` (a lower one makes smaller files).
     """
-    if target_bpp <= 0:
-        raise ValueError("target bpp must be positive")
+    if not target_bpp > 0:
+        raise ValueError(f"target bpp must be positive, got {target_bpp}")
     height, width = x.shape[-2:]
     lo, hi = 0.0, 1.0
     best = encode(model, x, mask, roi_quality, lo), lo
+    smallest = bits_per_pixel(best[0], width, height)
+    if smallest > target_bpp:
+        raise ValueError(f"no rate meets {target_bpp:g} bpp: the smallest file this model makes of this image at "
+                         f"roi-quality {roi_quality:g} is {smallest:.4f} bpp (rate 0)")
     top = encode(model, x, mask, roi_quality, hi)
     if bits_per_pixel(top, width, height) <= target_bpp:
         return top, hi
