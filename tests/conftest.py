@@ -98,6 +98,13 @@ def encoder_side(model: ROICodec, x: torch.Tensor, m: torch.Tensor | None, q: fl
     return state
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from torch's seed 0, whatever ran before it: a model a test initialises
+    (``tiny_model``, ``build_model``) is the same model in any test order or selection."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def clip_config(tmp_path_factory) -> Path:
     """:data:`TINY_CLIP` written as an open_clip model config file."""

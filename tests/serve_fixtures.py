@@ -44,10 +44,37 @@ class ServeApp:
         return httpx.Client(base_url=self.url, timeout=timeout)
 
 
+PORT_ATTEMPTS = 3
+
+
 def free_port() -> int:
+    """A port free now; someone else may take it before Serve's proxy binds it (see :func:`serving`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serving(url: str, seconds: float = 60.0) -> bool:
+    """Whether our Serve proxy holds the port and the app answers ``/healthz`` within ``seconds``.
+
+    A proxy reports HEALTHY only once it has bound its socket, so a port another process took
+    between :func:`free_port` and the bind (the proxy cannot bind, stays STARTING/UNHEALTHY) is
+    never mistaken for ours, even if that process answers ``/healthz`` too."""
+    from ray import serve
+    from ray.serve.schema import ProxyStatus
+
+    deadline = time.monotonic() + seconds
+    with httpx.Client(base_url=url, timeout=30) as c:
+        while time.monotonic() < deadline:
+            proxies = serve.status().proxies
+            if proxies and all(status == ProxyStatus.HEALTHY for status in proxies.values()):
+                try:
+                    if c.get("healthz").status_code == 200:
+                        return True
+                except httpx.HTTPError:  # the proxy may lag a moment after serve.run returns
+                    pass
+            time.sleep(1)
+    return False
 
 
 def png_bytes(arr: np.ndarray) -> bytes:
@@ -107,19 +134,17 @@ def serve_app(tmp_path_factory) -> ServeApp:
         ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        url = deploy(args, host="127.0.0.1", port=free_port(), name=APP_NAME)
-        app = ServeApp(url, checkpoint, other, clip_config, args, tmp)
-        with app.client(timeout=30) as c:
-            for _ in range(60):  # serve.run waits for the replicas; the proxy may lag a moment
-                try:
-                    if c.get("healthz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(1)
-            else:
-                pytest.fail("the Serve app never answered /healthz")
-        yield app
+        for _ in range(PORT_ATTEMPTS):  # a free port can be taken before the proxy binds it: retry
+            try:
+                url = deploy(args, host="127.0.0.1", port=free_port(), name=APP_NAME)
+            except RuntimeError:
+                url = None
+            if url is not None and serving(url):
+                break
+            serve.shutdown()
+        else:
+            pytest.fail(f"the Serve app never answered /healthz on its own port ({PORT_ATTEMPTS} ports tried)")
+        yield ServeApp(url, checkpoint, other, clip_config, args, tmp)
     finally:
         serve.shutdown()
         ray.shutdown()

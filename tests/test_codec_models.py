@@ -13,6 +13,12 @@ from pipeline.codec.models import MODELS, build_model, pad_to_multiple
 from conftest import VARIANTS, encoder_side, image_and_mask
 
 
+def test_every_test_starts_from_seed_0():
+    """conftest's ``seeded`` fixture: model initialisations do not depend on which tests ran before
+    (torch's own start-up seed, or what an earlier test drew, would give other numbers here)."""
+    assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(0)))
+
+
 def test_registry_has_every_variant():
     assert set(VARIANTS) <= set(MODELS)
     with pytest.raises(ValueError, match="unknown codec variant"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import time
 from pathlib import Path
 
 import mpmath
@@ -270,13 +269,11 @@ def test_state_dict_round_trip_into_fresh_instances():
                        model.gc.decompress(strings, indexes, means=means))
 
 
-def test_update_is_lazy_and_fast():
+def test_update_is_lazy():
     model = GeneralizedGaussianConditional()
     with pytest.raises(ValueError, match="update"):
         model.build_indexes(torch.ones(1, 1), torch.ones(1, 1))
-    start = time.perf_counter()
-    assert model.update()
-    assert time.perf_counter() - start < 5.0
+    assert model.update()  # (how long it takes: benchmarks/fail_fast.py)
     assert not model.update()
     assert model.update(force=True, beta_table=[1.0, 2.0])
     assert model._quantized_cdf.size(0) == 2 * len(model.scale_table)

@@ -193,6 +193,7 @@ def test_roicodec_evaluate_runs_a_real_mask_rcnn_on_ray_and_logs_to_mlflow(coco_
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("task", str(tmp_path / "artifacts"))).info.run_id
+    torch.manual_seed(0)
     ckpt = save_checkpoint(tiny_model("tma"), tmp_path / "ckpt.pt", extra={"mlflow_run_id": run_id})
     out = tmp_path / "task.json"
     argv = ["evaluate", "--checkpoint", str(ckpt), "--images", str(coco_set.images_dir), "--json", str(out),
@@ -232,6 +233,7 @@ def test_select_champion_ranks_by_a_task_metric(coco_set, trained, local_ray, tm
     from conftest import tiny_model
 
     good = save_checkpoint(trained("sft"), tmp_path / "good.pt")
+    torch.manual_seed(0)
     bad = save_checkpoint(tiny_model("sft"), tmp_path / "untrained.pt")
     sweep = partial(task_sweep, annotations=coco_set.annotations,
                     detector=SurvivingObjectsFactory(coco_set.annotations, coco_set.images_dir, TOLERANCE))

@@ -253,9 +253,13 @@ def test_worker_killed_midway_resumes_from_checkpoint(first_run):
 
 
 @pytest.mark.slow
-def test_resubmission_with_the_same_name_resumes_and_champion_is_set(first_run, shards):
-    storage, first = first_run
-    again = train(_config(shards, storage, "two-workers", steps=9))
+def test_resubmission_with_the_same_name_resumes_and_champion_is_set(ray_local, shards, tmp_path):
+    """Its own run: resubmitting ``first_run``'s would change what the tests above read (they
+    failed when this one ran first)."""
+    storage = tmp_path / "runs"
+    first = train(_config(shards, storage, "resubmitted", num_workers=1))
+    assert not first.resumed and first.metrics["step"] == 6
+    again = train(_config(shards, storage, "resubmitted", steps=9, num_workers=1))
     assert again.resumed and again.mlflow_run_id == first.mlflow_run_id
     assert again.metrics["start_step"] == 6 and again.metrics["step"] == 9
     c = _client(again.mlflow_uri)
@@ -271,7 +275,7 @@ def test_resubmission_with_the_same_name_resumes_and_champion_is_set(first_run, 
     assert champ.source.endswith("/checkpoint")
 
     # once more, finished: no workers start, nothing is trained or registered
-    done = train(_config(shards, storage, "two-workers", steps=9))
+    done = train(_config(shards, storage, "resubmitted", steps=9, num_workers=1))
     assert done.metrics["step"] == done.metrics["start_step"] == 9 and done.checkpoint == again.checkpoint
     assert max(m.step for m in c.get_metric_history(done.mlflow_run_id, "train/loss")) == 9
     assert done.model_version is None and len(c.search_model_versions("name = 'roicodec-tlic'")) == 2
