@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from pipeline.codec.checkpoint import (CONFIG_OPTIONS, CheckpointError, check_config, fingerprint, load_checkpoint,
-                                       save_checkpoint)
+                                       save_checkpoint, unpack_state_dict)
 from pipeline.codec.entropy import FAMILIES
 from pipeline.codec.latent import STRUCTURES
 from pipeline.codec.models import MODELS, build_model
@@ -100,6 +100,9 @@ def crafted(good: Path, tmp: Path) -> list[tuple[str, bytes, str]]:
     cdf = "latent_codec.family.conditional._quantized_cdf"
     bad_cdf = blob["state_dict"][cdf].clone()
     bad_cdf.fill_(12345)  # no symbol has a frequency: the rANS coder divides by zero
+    padded = unpack_state_dict(blob["state_dict"], blob["layout"])  # format 2 stored tables whole
+    one_long_row = torch.zeros(10 ** 6, dtype=torch.int32)
+    one_long_row[0] = 2 ** 20
     return [
         ("empty file", b"", "not a readable checkpoint"),
         ("text file", b"not a checkpoint\n", "not a readable checkpoint"),
@@ -142,10 +145,20 @@ def crafted(good: Path, tmp: Path) -> list[tuple[str, bytes, str]]:
         # crafted tables (no fingerprint, as in checkpoints written before it was recorded)
         ("a CDF the coder divides by zero with", changed(state_dict={**blob["state_dict"], cdf: bad_cdf},
                                                          fingerprint=None), "coding tables are invalid"),
-        ("CDF lengths past the table", changed(state_dict={
-            **blob["state_dict"], "latent_codec.entropy_bottleneck._cdf_length": torch.full((16,), 10 ** 6,
-                                                                                             dtype=torch.int32)},
+        ("CDF lengths past the table (format 2)", changed(format="roicodec-checkpoint/2", layout=None, state_dict={
+            **padded, "latent_codec.entropy_bottleneck._cdf_length": torch.full((16,), 10 ** 6, dtype=torch.int32)},
             fingerprint=None), "coding tables are invalid"),
+        ("packed CDF rows that are not its lengths", state(
+            "latent_codec.entropy_bottleneck._cdf_length", torch.full((16,), 10 ** 6, dtype=torch.int32)),
+         "packed tensors do not unpack (a packed CDF table does not match its lengths)"),
+        # 10^6 rows of which one holds all 2^20 entries: 4 MB that pad to 4 TB
+        ("a packed CDF padding to terabytes", changed(
+            state_dict={**blob["state_dict"], cdf: torch.zeros(2 ** 20, dtype=torch.int32),
+                        cdf.replace("_quantized_cdf", "_cdf_length"): one_long_row},
+            layout={**blob["layout"], cdf: ["cdf", 2 ** 20]}), "would grow over 64x when padded"),
+        ("an unknown packing", changed(layout={**blob["layout"], cdf: ["zip", 3]}), "unknown packing"),
+        ("a layout naming no tensor", changed(layout={**blob["layout"], "g_a.nothing": ["bool", "float32"]}),
+         "layout names g_a.nothing"),
         ("a fingerprint of the wrong type", changed(fingerprint=12345), "recorded fingerprint is not 16 hex"),
         ("extra not a dict", changed(extra=[1]), "extra is a list"),
         ("weights changed, fingerprint kept", changed(state_dict=weights),

@@ -12,6 +12,15 @@ for gigabytes), refuses tensors that declare more elements than they hold (an ex
 would make a coding table gigabytes when loaded), and compares the weights with the fingerprint
 the checkpoint records (written since 2026-12; older checkpoints have none and still load).
 Every failure is one :class:`CheckpointError` line.
+
+Format 3 (``roicodec-checkpoint/3``, written now) is format 2 stored compactly, every bit
+kept (``layout`` says what was packed, :func:`unpack_state_dict` restores it): each CDF
+table (``*._quantized_cdf``, rows padded with zeros to the longest) as its rows' own
+``_cdf_length`` entries end to end, and 0/1 float masks (CompressAI's masked convs) as bool.
+The integer hyper-decoder's weights are int16 in the model itself
+(:data:`~pipeline.codec.integer.WEIGHT_DTYPE`); format-2 files, with int64 weights and padded
+tables, load as they are. Older code refuses a format-3 file by its format string, rather
+than loading packed tables as padded ones.
 """
 
 from __future__ import annotations
@@ -28,8 +37,12 @@ import torch
 from pipeline.codec.bitstream import FINGERPRINT_BYTES
 from pipeline.codec.models import ROICodec, build_model, rename_prefixes
 
-CHECKPOINT_FORMAT = "roicodec-checkpoint/2"
+CHECKPOINT_FORMAT = "roicodec-checkpoint/3"
+CODING_FORMATS = ("roicodec-checkpoint/2", CHECKPOINT_FORMAT)  # with the coding state
 OLD_FORMATS = ("roicodec-checkpoint/1",)
+CDF_SUFFIX, LENGTH_SUFFIX = "_quantized_cdf", "_cdf_length"
+MAX_PADDING = 64  # a table padded over its rows' own entries: 7.6x at most in our models (trained or not)
+MASK_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 
 
 class CheckpointError(ValueError):
@@ -139,7 +152,8 @@ def fingerprint(model: ROICodec) -> bytes:
     """8 bytes identifying the model: a hash of its variant, config, parameters and coding state.
 
     Parameters and float buffers count as float32 (a copy cast to float64 or moved to a GPU
-    keeps its fingerprint), integer buffers (CDF tables, the integer hyper-decoder) as int64.
+    keeps its fingerprint), integer buffers (CDF tables, the integer hyper-decoder) as int64
+    (so the int16 weights of today hash as the int64 ones of older checkpoints did).
     Cached per model until a tensor of its state changes (PyTorch's version counters).
     """
     state = model.state_dict()
@@ -162,6 +176,83 @@ def fingerprint(model: ROICodec) -> bytes:
     return digest
 
 
+def _pack_cdf(cdf: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows of a zero-padded CDF table, each cut to its length, end to end (int32); None
+    when the table is not one (then it is stored as it is)."""
+    if (lengths is None or cdf.dim() != 2 or cdf.dtype != torch.int32 or lengths.dim() != 1
+            or lengths.numel() != cdf.shape[0] or lengths.is_floating_point() or cdf.numel() == 0):
+        return None
+    lengths = lengths.to(cdf.device, torch.int64)
+    if bool((lengths < 0).any()) or int(lengths.max()) != cdf.shape[1]:  # CompressAI's: the longest row fills it
+        return None
+    valid = torch.arange(cdf.shape[1], device=cdf.device)[None, :] < lengths[:, None]
+    if bool(cdf[~valid].any()):  # padding that is not zero: keep every bit, store it whole
+        return None
+    return cdf[valid]  # row-major: row 0's entries, then row 1's...
+
+
+def _unpack_cdf(values: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """The zero-padded table (rows of ``width``) whose rows :func:`_pack_cdf` put end to end."""
+    if (values.dim() != 1 or values.dtype != torch.int32 or lengths.dim() != 1 or lengths.is_floating_point()
+            or not lengths.numel() or bool((lengths < 0).any()) or int(lengths.max()) != width
+            or int(lengths.to(torch.int64).sum()) != values.numel()):
+        raise CheckpointError("a packed CDF table does not match its lengths")
+    if lengths.numel() * width > MAX_PADDING * values.numel():  # a crafted one: gigabytes of zeros
+        raise CheckpointError(f"a packed CDF table would grow over {MAX_PADDING}x when padded")
+    lengths = lengths.to(values.device, torch.int64)
+    valid = torch.arange(width, device=values.device)[None, :] < lengths[:, None]
+    cdf = values.new_zeros(lengths.numel(), width)
+    cdf[valid] = values
+    return cdf
+
+
+def pack_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+    """A state dict stored compactly, and its ``layout`` (``{name: how it was packed}``); every
+    bit comes back with :func:`unpack_state_dict`."""
+    packed, layout = {}, {}
+    for name, t in state.items():
+        if name.endswith(CDF_SUFFIX):
+            rows = _pack_cdf(t, state.get(name[:-len(CDF_SUFFIX)] + LENGTH_SUFFIX))
+            if rows is not None:
+                packed[name], layout[name] = rows, ["cdf", int(t.shape[1])]
+                continue
+        if name.rsplit(".", 1)[-1] == "mask" and t.dtype in MASK_DTYPES.values() and t.numel():
+            as_bool = t.to(torch.bool)
+            if torch.equal(as_bool.to(t.dtype), t) and not bool(torch.signbit(t).any()):  # only 0.0 and 1.0
+                packed[name], layout[name] = as_bool, ["bool", str(t.dtype).removeprefix("torch.")]
+                continue
+        packed[name] = t
+    return packed, layout
+
+
+def unpack_state_dict(state: dict[str, torch.Tensor], layout: dict[str, list] | None) -> dict[str, torch.Tensor]:
+    """The state dict :func:`pack_state_dict` packed (``layout`` None or empty: as it is)."""
+    if not layout:
+        return dict(state)
+    if not isinstance(layout, dict):
+        raise CheckpointError("the checkpoint's layout is not a table of packed tensors")
+    out = dict(state)
+    for name, how in layout.items():
+        kind, arg = how if isinstance(how, (list, tuple)) and len(how) == 2 else (None, None)
+        if not isinstance(out.get(name), torch.Tensor):
+            raise CheckpointError(f"the checkpoint's layout names {name}, which it does not hold")
+        if kind == "cdf" and isinstance(arg, int) and name.endswith(CDF_SUFFIX):
+            lengths = state.get(name[:-len(CDF_SUFFIX)] + LENGTH_SUFFIX)
+            if not isinstance(lengths, torch.Tensor):
+                raise CheckpointError(f"the checkpoint holds no lengths for the packed {name}")
+            out[name] = _unpack_cdf(state[name], lengths, arg)
+        elif kind == "bool" and arg in MASK_DTYPES:
+            out[name] = state[name].to(MASK_DTYPES[arg])
+        else:
+            raise CheckpointError(f"unknown packing {how!r} of {name}")
+    return out
+
+
+def checkpoint_state_dict(blob: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict of a loaded checkpoint blob (any format), unpacked."""
+    return unpack_state_dict(blob["state_dict"], blob.get("layout"))
+
+
 def save_checkpoint(model: ROICodec, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (variant, config, weights, coding state) and ``extra`` metadata.
 
@@ -174,8 +265,10 @@ def save_checkpoint(model: ROICodec, path: str | Path, extra: dict[str, Any] | N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
+    state, layout = pack_state_dict(model.state_dict())
     torch.save({"format": CHECKPOINT_FORMAT, "variant": model.variant, "config": model.config,
-                "state_dict": model.state_dict(), "fingerprint": fingerprint(model).hex(), "extra": extra or {}}, tmp)
+                "state_dict": state, "layout": layout, "fingerprint": fingerprint(model).hex(),
+                "extra": extra or {}}, tmp)
     tmp.replace(path)  # atomic: a crash mid-write never leaves a half checkpoint
     return path
 
@@ -231,7 +324,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for non-checkpoint files
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__})") from exc
-    if not isinstance(blob, dict) or blob.get("format") not in (CHECKPOINT_FORMAT, *OLD_FORMATS):
+    if not isinstance(blob, dict) or blob.get("format") not in (*CODING_FORMATS, *OLD_FORMATS):
         raise CheckpointError(f"{path} is not a roicodec checkpoint")
     missing = [key for key in ("variant", "config", "state_dict") if key not in blob]
     if missing:
@@ -257,7 +350,11 @@ def _model_from(blob: dict[str, Any], path: Path) -> ROICodec:
         raise CheckpointError(f"{path}: its config does not build a {blob['variant']} model: "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     try:
-        model.load_state_dict(blob["state_dict"], strict=blob["format"] == CHECKPOINT_FORMAT)
+        state = checkpoint_state_dict(blob)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: its packed tensors do not unpack ({exc})") from None
+    try:
+        model.load_state_dict(state, strict=blob["format"] in CODING_FORMATS)
     except RuntimeError as exc:  # missing/unexpected keys or shapes: another layout of the variant
         lines = str(exc).splitlines()  # "Error(s) in loading state_dict ...:" then the problems
         problem = lines[1].strip() if len(lines) > 1 else lines[0]
@@ -332,7 +429,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint into an eval-mode model, coding state as saved (never rebuilt)."""
     path = Path(path)
     blob = read_checkpoint(path, map_location)
-    if blob["format"] != CHECKPOINT_FORMAT:
+    if blob["format"] not in CODING_FORMATS:
         raise CheckpointError(f"{path} is a {blob['format']} checkpoint (floating-point entropy "
                               f"parameters, files not portable); convert it once with "
                               f"`roicodec convert {path} NEW.pt`")

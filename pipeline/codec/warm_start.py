@@ -40,6 +40,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
+from pipeline.codec.checkpoint import checkpoint_state_dict
 from pipeline.codec.models import ROICodec, build_model, rename_prefixes
 
 ZOO_PREFIX = "compressai:"
@@ -197,8 +198,8 @@ def load_init_source(spec: str) -> InitSource:
     blob = _read(path)
     if isinstance(blob, dict) and str(blob.get("format", "")).startswith("roicodec-checkpoint/"):
         cfg = blob.get("config") or {}
-        return InitSource(spec, path, "roicodec", blob["state_dict"], int(cfg.get("N", 0)), int(cfg.get("M", 0)),
-                          None, blob.get("variant"), digest)
+        return InitSource(spec, path, "roicodec", checkpoint_state_dict(blob), int(cfg.get("N", 0)),
+                          int(cfg.get("M", 0)), None, blob.get("variant"), digest)
     state = _hyperprior_state(blob, path)
     return InitSource(spec, path, "compressai", state, state["g_a.0.weight"].shape[0],
                       state["g_a.6.weight"].shape[0], trained_lambda, None, digest)

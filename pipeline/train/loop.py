@@ -59,7 +59,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from pipeline.codec.checkpoint import CHECKPOINT_FORMAT, check_fingerprint, read_checkpoint, save_checkpoint
+from pipeline.codec.checkpoint import (CODING_FORMATS, check_fingerprint, checkpoint_state_dict, read_checkpoint,
+                                       save_checkpoint)
 from pipeline.codec.coding import bits_per_pixel as file_bpp
 from pipeline.codec.coding import decode, encode
 from pipeline.codec.models import ROICodec, build_model
@@ -182,11 +183,12 @@ def load_training_checkpoint(directory: str | Path, model: ROICodec) -> dict[str
         raise ValueError(f"checkpoint holds variant {blob['variant']!r}, training {model.variant!r}")
     # a run started before checkpoint format 2 resumes too: the coding state it lacks is
     # derived, and rebuilt by the next checkpoint's update()
-    model.load_state_dict(blob["state_dict"], strict=blob["format"] == CHECKPOINT_FORMAT)
+    saved = checkpoint_state_dict(blob)
+    model.load_state_dict(saved, strict=blob["format"] in CODING_FORMATS)
     check_fingerprint(model, blob, directory / MODEL_FILE)
     # optimizer states, the step and the run's config: data, never code
     state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    saved = model.upgrade_state_dict(blob["state_dict"])
+    saved = model.upgrade_state_dict(saved)
     if list(saved) != list(model.state_dict()):  # another parameter order: a run from before the parts
         params = [n for n, _ in model.named_parameters()]
         old = [n for n in saved if n in set(params)]
