@@ -35,7 +35,7 @@ def test_help_explains_the_options(capsys):
                 "--alpha-low", "--alpha-high", "--omega", "--lambda-norm", "--roi-crops", "--lr-drop",
                 "--ms-ssim-weight", "--checkpoint-every", "--keep",
                 "--max-failures", "--run-name", "--storage-path", "--mlflow-uri", "--experiment", "--smoke",
-                "--init", "--init-lambda", "--entropy"):
+                "--init", "--init-lambda", "--entropy", "--torch-threads", "--config"):
         assert opt in res.stdout
     ggm = _run_in_process(capsys, "jobs/train_ggm.py", "--help")
     assert ggm.returncode == 0 and "--variant" not in ggm.stdout
@@ -51,6 +51,54 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     res = _run_in_process(capsys, "jobs/train.py", "--smoke", "--init", str(tmp_path / "missing.pth"),
                           "--storage-path", str(tmp_path))
     assert res.returncode == 2 and res.stderr.strip() == f"error: init weights not found: {tmp_path / 'missing.pth'}"
+
+
+def test_config_file_gives_the_options_and_the_command_line_overrides_it(tmp_path):
+    from pipeline.train.trainer import config_from_args, parse_args
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("variant: tlic\nshards: /data/shards\nN: 64\nM: 96\nbatch-size: 4\nlr_drop: 0.2\n"
+                   "entropy: context\ntorch-threads: 2\nuse-gpu: false\nrun-name: from-file\n")
+    args = parse_args(["--config", str(cfg), "--batch-size", "16", "--storage-path", str(tmp_path)])
+    c = config_from_args(args)
+    assert (c.variant, c.shards, c.model["N"], c.model["M"], c.model["entropy"]) == ("tlic", "/data/shards", 64, 96,
+                                                                                      "context")
+    assert (c.batch_size, c.lr_drop, c.torch_threads, c.use_gpu, c.run_name) == (16, 0.2, 2, False, "from-file")
+    assert c.steps == 10_000 and c.crop == 256  # not in the file: the parser's defaults
+    cfg.write_text("use-gpu: true\n")
+    assert parse_args(["--config", str(cfg)]).use_gpu
+
+
+@pytest.mark.parametrize("text, message", [
+    ("batch-sise: 4\n", "unknown option 'batch-sise'"),
+    ("config: other.yaml\n", "unknown option 'config'"),
+    ("crop: [128, 256]\n", "crop takes one value"),
+    ("smoke: 1\n", "smoke is a flag"),
+    ("- steps\n", "expected a mapping"),
+    ("variant: nope\n", "invalid choice: 'nope'"),
+    ("steps: many\n", "invalid int value: 'many'"),
+])
+def test_bad_config_file_is_a_usage_error(tmp_path, capsys, text, message):
+    from pipeline.train.trainer import parse_args
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--config", str(cfg)])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+    assert "cannot read config" in capsys.readouterr().err
+
+
+def test_committed_default_model_config_parses():
+    from pipeline.train.trainer import config_from_args, parse_args
+
+    args = parse_args(["--config", str(ROOT / "configs" / "default_model.yaml")])
+    c = config_from_args(args)
+    assert c.run_name == "default-model" and c.storage_path.endswith("/runs") and c.shards.endswith("photo_shards")
+    assert (c.variant, c.model["entropy"], c.torch_threads, c.use_gpu) == ("tma", "context", 2, False)
+    assert c.crop >= 128  # docs/training.md: finish on 128 px crops or more
 
 
 @pytest.mark.slow

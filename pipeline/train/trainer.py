@@ -168,6 +168,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "report_every", "keep", "num_workers"):
             if getattr(c, name) < 1:
                 raise TrainError(f"{name} must be at least 1, got {getattr(c, name)}")
+        if c.torch_threads is not None and c.torch_threads < 1:
+            raise TrainError(f"torch_threads must be at least 1, got {c.torch_threads}")
         if c.max_failures < 0:
             raise TrainError("max_failures must be >= 0")
         if c.init_lambda is not None and not c.init_lambda > 0:
@@ -426,6 +428,8 @@ def build_parser(variant: str | None = None, description: str | None = None) -> 
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker; bfloat16 autocast on")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker")
+    p.add_argument("--torch-threads", type=int,
+                   help="torch intra-op threads per worker (default: Ray's, one per reserved CPU)")
     p.add_argument("--steps", type=int, help="total optimisation steps (a resumed run continues to this count); "
                                              "default 10000, 80 with --smoke")
     p.add_argument("--batch-size", type=int, help="crops per worker per step (default 8, 4 with --smoke)")
@@ -493,7 +497,72 @@ def build_parser(variant: str | None = None, description: str | None = None) -> 
                    help="tiny model, 64 px crops, few steps; generates tiny shards if --shards is not given")
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="write the outcome as JSON to FILE (or, without FILE, as the last line of stdout)")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML file of options: keys are the long option names (batch-size or batch_size, N, M), "
+                        "values as on the command line (true for a flag); flags given on the command line "
+                        "override the file")
     return p
+
+
+def config_argv(parser: argparse.ArgumentParser, path: str | Path) -> list[str]:
+    """The command-line tokens a ``--config`` YAML file stands for (see :func:`parse_args`).
+
+    Keys are the parser's long option names without ``--``, ``_`` accepted for ``-``; a flag
+    (``--smoke``, ``--use-gpu``) takes true or false; other values are written as on the
+    command line (numbers, strings), so the parser checks types and choices as usual.
+    Raises :class:`TrainError` (one line) for an unreadable file or an unknown key."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise TrainError(f"cannot read config {path}: {' '.join(str(exc).split())}") from None
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise TrainError(f"config {path}: expected a mapping of option names to values")
+    options: dict[str, argparse.Action] = {}
+    for action in parser._actions:  # noqa: SLF001 (argparse has no public accessor)
+        for opt in action.option_strings:
+            if opt.startswith("--") and opt not in ("--help", "--config"):
+                options[opt[2:]] = action
+    argv: list[str] = []
+    for key, value in data.items():
+        name = str(key)
+        action = options.get(name) or options.get(name.replace("_", "-"))
+        if action is None:
+            raise TrainError(f"config {path}: unknown option {name!r} (keys are {parser.prog}'s long option "
+                             "names, e.g. batch-size)")
+        opt = "--" + (name if name in options else name.replace("_", "-"))
+        if action.nargs == 0:  # store_true
+            if not isinstance(value, bool):
+                raise TrainError(f"config {path}: {name} is a flag, give true or false, got {value!r}")
+            if value:
+                argv.append(opt)
+        elif value is None:
+            continue
+        elif isinstance(value, (list, dict)) or isinstance(value, bool):
+            raise TrainError(f"config {path}: {name} takes one value, got {value!r}")
+        else:
+            argv += [opt, str(value)]
+    return argv
+
+
+def parse_args(argv: Sequence[str] | None = None, variant: str | None = None,
+               description: str | None = None) -> argparse.Namespace:
+    """``jobs/train.py``'s arguments: with ``--config FILE``, the file's options first and the
+    command line after them, so that a flag on the command line overrides the file."""
+    parser = build_parser(variant, description)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        try:
+            argv = config_argv(parser, known.config) + argv
+        except TrainError as exc:
+            parser.error(str(exc))
+    return parser.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace, variant: str | None = None) -> TrainConfig:
@@ -537,6 +606,7 @@ def config_from_args(args: argparse.Namespace, variant: str | None = None) -> Tr
         checkpoint_every=pick(args.checkpoint_every, DEFAULT_CHECKPOINT_EVERY, 20), report_every=args.report_every,
         keep=args.keep,
         num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+        torch_threads=args.torch_threads,
         max_failures=args.max_failures, placement_strategy=args.placement_strategy,
         run_name=args.run_name or (f"smoke-{variant}-{time.strftime('%Y%m%d-%H%M%S')}" if smoke else None),
         storage_path=storage, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
@@ -565,7 +635,7 @@ def cli_main(argv: Sequence[str] | None = None, *, variant: str | None = None,
              description: str | None = None) -> int:
     """``jobs/train.py`` (and ``jobs/train_ggm.py`` with ``variant="ggm"``): 0 on success; bad
     settings or data: one ``error:`` line and 2, other bad input (an unreadable file, ...): 1."""
-    args = build_parser(variant, description).parse_args(argv)
+    args = parse_args(argv, variant, description)
     outcome: TrainOutcome | None = None
 
     def run() -> None:
