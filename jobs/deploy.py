@@ -37,8 +37,9 @@ def _replicas(text: str) -> str | int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deploy.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="codec checkpoint file (every replica must be able to read it)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="codec checkpoint file (every replica must be able to read it); "
+                                          "neither this nor --model-uri: the installed pretrained model")
     src.add_argument("--model-uri", help="MLflow model, e.g. models:/roicodec-tma@champion (or models:/NAME/3)")
     p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI for --model-uri "
                                                       "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")

@@ -38,7 +38,7 @@ from pipeline.eval.cli import (EVALUATE_DESCRIPTION, EVALUATE_EPILOG, add_evalua
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jobs/evaluate.py", description=EVALUATE_DESCRIPTION,
                                 epilog=EVALUATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_evaluate_arguments(p, checkpoint_required=False)
+    add_evaluate_arguments(p)
     g = p.add_argument_group("champion selection")
     g.add_argument("--select-champion", action="store_true",
                    help="sweep every candidate, rank by --criterion and set the MLflow 'champion' alias")

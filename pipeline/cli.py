@@ -12,6 +12,7 @@ from typing import Callable
 
 from pipeline.argtypes import positive, positive_int, unit_interval
 from pipeline.codec.bitstream import DEFAULT_MAX_PIXELS
+from pipeline.codec.default_model import DEFAULT, checkpoint_path
 from pipeline.codec.models import ENTROPY_FAMILIES, ENTROPY_MODELS, family_options
 from pipeline.errors import run_cli
 from pipeline.eval.cli import (EVALUATE_DESCRIPTION, EVALUATE_EPILOG, EVALUATE_HELP, add_evaluate_arguments,
@@ -50,7 +51,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     else:
         mask_array = mask_from_args(args, image, Path(args.image))
     mask = None if mask_array is None else mask_to_tensor(mask_array, size)
-    model = load_checkpoint(args.checkpoint)
+    model = load_checkpoint(checkpoint_path(args.checkpoint))
     if args.target_bpp is not None:
         data, rate = encode_at_target_bpp(model, x, mask, args.roi_quality, args.target_bpp)
     else:
@@ -68,7 +69,7 @@ def _cmd_decompress(args: argparse.Namespace) -> int:
     from pipeline.codec.coding import decode, tensor_to_image
 
     data = Path(args.file).read_bytes()
-    model = load_checkpoint(args.checkpoint)
+    model = load_checkpoint(checkpoint_path(args.checkpoint))
     image = tensor_to_image(decode(model, data, max_pixels=args.max_pixels, float64=args.float64))
     image.save(args.output)
     print(f"{args.output}: {image.width}x{image.height}")
@@ -132,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Without a mask source the whole image is ROI.",
                        epilog=KNOBS, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", help="input image (any format Pillow reads)")
-    p.add_argument("--checkpoint", required=True, help="model checkpoint (.pt)")
+    p.add_argument("--checkpoint", default=DEFAULT, metavar="CKPT",
+                   help="model checkpoint (.pt); default: the pretrained model installed with roicodec")
     p.add_argument("-o", "--output", required=True, help="output .roic file")
     p.add_argument("--mask", help="ROI mask PNG (white = ROI, resized to the image)")
     add_mask_source_arguments(p)
@@ -150,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Decode a .roic file. No mask is needed; the checkpoint must "
                                    "be the one the file was made with.")
     p.add_argument("file", help="input .roic file")
-    p.add_argument("--checkpoint", required=True, help="the checkpoint the file was made with")
+    p.add_argument("--checkpoint", default=DEFAULT, metavar="CKPT",
+                   help="the checkpoint the file was made with (default: the installed pretrained model; "
+                        "a file made with another model says which one it needs)")
     p.add_argument("-o", "--output", required=True, help="output image (PNG)")
     p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="refuse files that declare more than N pixels (default %(default)s, "
@@ -195,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help=EVALUATE_HELP, description=EVALUATE_DESCRIPTION,
                        epilog=EVALUATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_evaluate_arguments(p)
+    add_evaluate_arguments(p, default_model=True)
     p.set_defaults(func=run_evaluate_command)
     return parser
 

@@ -46,14 +46,17 @@ def resolve_checkpoint(checkpoint: str | None, model_uri: str | None,
                        tracking_uri: str | None = None) -> tuple[Path, dict[str, Any]]:
     """The local checkpoint file to load and where it came from.
 
-    ``checkpoint`` (a path) wins. ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: the
+    ``checkpoint`` (a path, or ``default``: the installed pretrained model) wins; neither given:
+    the default model. ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: the
     registered version's source (``pipeline.train.tracking`` registers the ``checkpoint/``
     artifact folder, no MLflow flavour) downloaded from the store :func:`resolve_tracking_uri`
     picks; any other URI (``runs:/ID/checkpoint``, a path) is downloaded as is. The file
     is ``model.pt`` in it (or the only ``*.pt``).
     """
-    if checkpoint:
-        return Path(checkpoint), {"checkpoint": str(checkpoint)}
+    if checkpoint or not model_uri:
+        from pipeline.codec.default_model import checkpoint_path
+
+        return checkpoint_path(checkpoint or None), {"checkpoint": str(checkpoint or "default")}
     import mlflow
     from mlflow import MlflowClient
 

@@ -66,7 +66,8 @@ def decode(model: ROICodec, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     if header.fingerprint != fingerprint(model):
         raise BitstreamError("file was encoded with a different checkpoint "
                              f"(fingerprint {header.fingerprint.hex()}, "
-                             f"loaded {fingerprint(model).hex()})")
+                             f"loaded {fingerprint(model).hex()}): decode it with --checkpoint of the model "
+                             f"that made it")
     if len(groups) != (2 if header.version == 2 else 3) or any(len(g) != 1 for g in groups):
         raise BitstreamError("corrupted .roic file (unexpected string layout)")
     if header.width * header.height > max_pixels:

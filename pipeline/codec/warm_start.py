@@ -40,7 +40,8 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
-from pipeline.codec.checkpoint import checkpoint_state_dict
+from pipeline.codec.checkpoint import CheckpointError, checkpoint_state_dict
+from pipeline.codec.default_model import DEFAULT, default_checkpoint
 from pipeline.codec.models import ROICodec, build_model, rename_prefixes
 
 ZOO_PREFIX = "compressai:"
@@ -176,7 +177,8 @@ def _hyperprior_state(blob: Any, path: Path) -> dict[str, Tensor]:
 
 
 def load_init_source(spec: str) -> InitSource:
-    """Resolve ``--init``: ``compressai:mbt2018-mean:Q`` (torch hub cache) or a file path."""
+    """Resolve ``--init``: ``compressai:mbt2018-mean:Q`` (torch hub cache), ``default`` (the
+    installed pretrained model) or a file path."""
     trained_lambda = None
     if spec.startswith(ZOO_PREFIX):
         quality = _parse_zoo(spec)
@@ -190,6 +192,12 @@ def load_init_source(spec: str) -> InitSource:
         if prefix and not digest.startswith(prefix.group(1)):
             raise InitError(f"{path} is damaged: its SHA-256 does not start with {prefix.group(1)} as its name says")
         trained_lambda = ZOO_LAMBDAS[quality]
+    elif spec == DEFAULT:
+        try:
+            path = default_checkpoint()
+        except CheckpointError as exc:
+            raise InitError(str(exc)) from None
+        digest = _sha256(path)
     else:
         path = Path(spec).expanduser()
         if not path.is_file():

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from pipeline.argtypes import positive_int, unit_interval
+from pipeline.codec.default_model import DEFAULT, default_checkpoint
 
 EVALUATE_HELP = "evaluate a checkpoint: bpp, ROI/non-ROI PSNR, MS-SSIM vs JPEG/WebP/JPEG 2000"
 
@@ -62,13 +63,15 @@ def _count(text: str) -> int:
     return value
 
 
-def add_evaluate_arguments(parser: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
-    """Add the ``roicodec evaluate`` options to ``parser``."""
+def add_evaluate_arguments(parser: argparse.ArgumentParser, default_model: bool = False) -> None:
+    """Add the ``roicodec evaluate`` options to ``parser`` (``default_model``: without
+    ``--checkpoint``, the installed pretrained model)."""
     from pipeline.eval.baselines import BASELINES
     from pipeline.eval.evaluate import DEFAULT_RATE, DEFAULT_ROI_QUALITY
 
-    parser.add_argument("--checkpoint", required=checkpoint_required, metavar="CKPT",
-                        help="model checkpoint (.pt, or a Ray Train checkpoint folder with model.pt)")
+    parser.add_argument("--checkpoint", default=DEFAULT if default_model else None, metavar="CKPT",
+                        help="model checkpoint (.pt, or a Ray Train checkpoint folder with model.pt)"
+                             + ("; default: the pretrained model installed with roicodec" if default_model else ""))
     parser.add_argument("--images", required=True, metavar="DIR", help="folder of images to evaluate")
     parser.add_argument("--masks", metavar="DIR", default=None,
                         help="folder of masks DIR/<image stem>.png, white = ROI (default: whole image is ROI)")
@@ -190,6 +193,8 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
 
     if getattr(args, "checkpoint", None) is None:
         raise EvaluationError("--checkpoint is required")
+    if args.checkpoint == DEFAULT:
+        args.checkpoint = str(default_checkpoint())
     if args.plots is not None and not (args.sweep or args.task_annotations):
         raise EvaluationError("--plots needs --sweep or --task-annotations (plots are RD curves)")
     progress = not args.no_progress

@@ -14,7 +14,7 @@ from pipeline.masks.text import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 class ServeSettings:
     """Everything ``build_app`` accepts as ``args`` (``serve_config.yaml``) or ``jobs/deploy.py`` flags."""
 
-    checkpoint: str | None = None          # a checkpoint file every replica can read
+    checkpoint: str | None = None          # a checkpoint file every replica can read (None: the default model)
     model_uri: str | None = None           # or models:/NAME@champion, models:/NAME/3, runs:/..., a path
     mlflow_tracking_uri: str | None = None  # for model_uri (default: mlflow_store.resolve_tracking_uri)
     clip_model: str = DEFAULT_CLIP_MODEL
@@ -48,14 +48,16 @@ class ServeSettings:
         if unknown:
             raise ValueError(f"unknown app argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         s = cls(**args)
-        if bool(s.checkpoint) == bool(s.model_uri):
-            raise ValueError("give exactly one of 'checkpoint' (a file) or 'model_uri' (models:/NAME@champion)")
-        if s.checkpoint and not s.model_uri:
-            # loaded (and checked: damaged, crafted, another format) here, once: a bad checkpoint is
-            # one CheckpointError line at start, not replicas that fail to start
+        if s.checkpoint and s.model_uri:
+            raise ValueError("give one of 'checkpoint' (a file) or 'model_uri' (models:/NAME@champion), "
+                             "or neither for the installed default model")
+        if not s.model_uri:
+            # loaded (and checked: damaged, crafted, another format, no default installed) here,
+            # once: a bad checkpoint is one CheckpointError line at start, not replicas that fail
             from pipeline.codec.checkpoint import load_checkpoint
+            from pipeline.codec.default_model import checkpoint_path
 
-            load_checkpoint(Path(s.checkpoint))
+            load_checkpoint(checkpoint_path(s.checkpoint or None))
         if isinstance(s.clip_config, (str, Path)):
             # read on the driver so replicas on other nodes need not see the file
             from pipeline.masks.text import load_clip_config

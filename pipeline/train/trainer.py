@@ -449,7 +449,7 @@ def build_parser(variant: str | None = None, description: str | None = None) -> 
                    help="generalized Gaussian shape per element (predicted) or per channel (learned); default element")
     p.add_argument("--init", metavar="WEIGHTS",
                    help="warm start a new run from compressai:mbt2018-mean:Q (CompressAI's pretrained weights of "
-                        "quality 1-8, read from the torch hub cache) or a file (a CompressAI MeanScaleHyperprior "
+                        "quality 1-8, read from the torch hub cache), default (the pretrained model installed with roicodec) or a file (a CompressAI MeanScaleHyperprior "
                         "state dict, or one of our checkpoints of the same variant); N and M default to the "
                         "weights'. Ignored when the run resumes from its own checkpoint")
     p.add_argument("--init-lambda", type=float,
