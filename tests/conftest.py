@@ -114,6 +114,14 @@ def clip_config(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_clip(tmp_path_factory) -> tuple[Path, Path]:
+    """(config file, checkpoint) of the tiny CLIP of :mod:`tiny_clip`, trained once per session (~30 s)."""
+    from tiny_clip import train_tiny_clip
+
+    return train_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
 def untrained() -> dict[str, ROICodec]:
     """Random-init tiny models of every variant, ready to code (tables built)."""
     torch.manual_seed(0)
