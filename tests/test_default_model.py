@@ -26,7 +26,7 @@ def folder(tmp_path_factory, trained):
     root = tmp_path_factory.mktemp("default")
     save_checkpoint(trained("sft"), root / "default.pt")
     torch.manual_seed(7)
-    other = tiny_model("tma").eval()
+    other = tiny_model("sft").eval()
     other.update(force=True)
     save_checkpoint(other, root / "other.pt")
     x, _ = image_and_mask(64, 80, seed=21)

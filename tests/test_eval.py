@@ -397,8 +397,8 @@ def test_sweep_bd_and_champion_on_a_trained_and_an_untrained_codec(trained, tmp_
         assert any(Path(f).name == name for f in [*res["best"]["files"]["plots"], res["best"]["files"]["bd_csv"],
                                                    res["best"]["files"]["points_csv"]])
 
-    # the untrained one: every rate the same file size and (to 0.001 dB) image: no curve to compare
+    # the untrained one: every rate the same file size and (to 0.01 dB) image: no curve to compare
     flat = untrained_sweep["curves"]["roicodec"]["points"]
     roi = [p["roi_psnr"] for p in flat]
-    assert len({p["bpp"] for p in flat}) == 1 and max(roi) - min(roi) < 1e-3
+    assert len({p["bpp"] for p in flat}) == 1 and max(roi) - min(roi) < 0.01
     assert untrained_sweep["bd"]["bd_rate_roi_vs_jpeg"] is None and res["ranking"][1]["value"] is None

@@ -13,7 +13,7 @@ from pipeline.codec.bitstream import BitstreamError, serialize, unpack
 from pipeline.codec.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, convert_checkpoint, fingerprint,
                                        load_checkpoint, pack_state_dict, save_checkpoint, unpack_state_dict)
 from pipeline.codec.coding import decode, encode, tensor_to_image
-from pipeline.codec.integer import WEIGHT_DTYPE, WEIGHT_MAX, IntegerConv, hyper_latent_samples
+from pipeline.codec.integer import WEIGHT_MAX, hyper_latent_samples
 from pipeline.codec.models import ROICodec, build_model
 from pipeline.codec.numerics import PERTURBATIONS, coded_state
 from pipeline.train.local import train_local
@@ -174,20 +174,22 @@ def test_a_training_run_from_before_format_2_resumes(tmp_path, untrained):
 
 
 def test_a_default_size_checkpoint_is_compact_and_loads_bit_for_bit(tmp_path):
-    """tma at N=128, M=192 (random init + update): int16 integer weights, int64 only for the
-    small tensors whose range needs it, CDF tables stored without their padding; the file
-    within float32 parameters + int16 integer weights + each CDF row's own entries in int32
-    (+2% for names and pickling), and no larger than 1.25x the float32 parameters."""
+    """tma at N=128, M=192 (random init + update): stored with int16 integer weights, int64 only for
+    the small tensors whose range needs it, CDF tables without their padding; the file within
+    float32 parameters + int16 integer weights + each CDF row's own entries in int32 (+2% for names
+    and pickling), no larger than 1.25x the float32 parameters; loaded, every tensor has its dtype
+    and every bit back."""
     torch.manual_seed(0)
     model = build_model("tma", N=128, M=192).eval()
     model.update(force=True)
     buffers = dict(model.named_buffers())
     int_weights = {n: b for n, b in buffers.items() if n.startswith("latent_codec.hyper_int.layers.")
                    and n.endswith(".weight")}
-    assert int_weights and all(b.dtype == WEIGHT_DTYPE == torch.int16 for b in int_weights.values())
-    assert max(int(b.abs().max()) for b in int_weights.values()) <= WEIGHT_MAX
-    wide = {n: b.numel() for n, b in buffers.items() if b.dtype == torch.int64}
-    assert sum(wide.values()) < 4096, wide  # biases, shifts, thresholds, medians: need up to 2^52
+    assert int_weights and max(int(b.abs().max()) for b in int_weights.values()) <= WEIGHT_MAX
+    stored = pack_state_dict(model.state_dict())[0]
+    assert all(stored[n].dtype == torch.int16 for n in int_weights)
+    wide = {n: t.numel() for n, t in stored.items() if t.dtype == torch.int64}
+    assert sum(wide.values()) < 4096, wide  # biases, shifts, thresholds: need up to 2^52
     cdfs = {n: b for n, b in buffers.items() if n.endswith("_quantized_cdf")}
     assert cdfs and all(b.dtype == torch.int32 for b in cdfs.values())
     param_bytes = 4 * sum(p.numel() for p in model.parameters())
@@ -208,10 +210,12 @@ def test_packing_keeps_every_bit_and_stores_odd_tables_whole():
     lengths = torch.tensor([3, 5, 2], dtype=torch.int32)
     mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     state = {"a._quantized_cdf": cdf, "a._cdf_length": lengths, "c.mask": mask, "c.weight": mask * 0.5,
-             "d.mask": torch.tensor([1.0, -0.0]), "e.mask": torch.tensor([0.5, 1.0])}
+             "d.mask": torch.tensor([1.0, -0.0]), "e.mask": torch.tensor([0.5, 1.0]),
+             "w": torch.tensor([-32767, 32767, 0]), "wide": torch.tensor([2 ** 15, 0]), "f": torch.tensor([0.0, 1.0])}
     packed, layout = pack_state_dict(state)
     assert packed["a._quantized_cdf"].tolist() == [0, 5, 65536, 0, 1, 2, 3, 65536, 0, 65536]
-    assert packed["c.mask"].dtype == torch.bool and set(layout) == {"a._quantized_cdf", "c.mask"}
+    assert packed["c.mask"].dtype == torch.bool and packed["w"].dtype == torch.int16
+    assert set(layout) == {"a._quantized_cdf", "c.mask", "w"}  # 2^15 needs int64; floats stay floats
     restored = unpack_state_dict(packed, layout)
     assert all(restored[k].dtype == v.dtype and torch.equal(restored[k], v) for k, v in state.items())
     assert torch.signbit(restored["d.mask"][1])  # -0.0 was not packed as a 0/1 mask
@@ -222,19 +226,5 @@ def test_packing_keeps_every_bit_and_stores_odd_tables_whole():
         unpack_state_dict({**packed, "a._cdf_length": lengths + 1}, layout)
     with pytest.raises(CheckpointError, match="unknown packing"):
         unpack_state_dict(packed, {"c.mask": ["bool", "load"]})
-
-
-def test_old_int64_weights_load_exactly_and_out_of_range_ones_are_refused():
-    from compressai.models.utils import conv
-
-    layer = IntegerConv(conv(4, 3, stride=1, kernel_size=3))
-    weights = torch.randint(-WEIGHT_MAX, WEIGHT_MAX + 1, layer.weight.shape, dtype=torch.int64)
-    state = {"weight": weights, "bias": torch.tensor([2 ** 51, -3, 0]), "shift": torch.tensor([40, 1, 0])}
-    layer.load_state_dict(state)
-    assert layer.weight.dtype == torch.int16 and torch.equal(layer.weight.long(), weights)
-    assert torch.equal(layer.bias, state["bias"])
-    for bad in (WEIGHT_MAX + 1, -WEIGHT_MAX - 1, 2 ** 16):
-        wrapped = weights.clone()
-        wrapped.view(-1)[5] = bad
-        with pytest.raises(RuntimeError, match="beyond"):
-            IntegerConv(conv(4, 3, stride=1, kernel_size=3)).load_state_dict({**state, "weight": wrapped})
+    with pytest.raises(CheckpointError, match="unknown packing"):  # a narrow tensor that is not int16
+        unpack_state_dict({**packed, "w": packed["w"].int()}, layout)

@@ -334,8 +334,8 @@ def test_deployment_options_autoscaling_and_gpu(serve_app):
     assert fixed["CodecModel"]["num_replicas"] == 2 and "autoscaling_config" not in fixed["CodecModel"]
     assert "num_gpus" not in fixed["CodecModel"]["ray_actor_options"]
     assert resolve_use_gpu("auto") == torch.cuda.is_available()
-    with pytest.raises(ValueError, match="exactly one"):
-        ServeSettings.from_args({})
+    with pytest.raises(ValueError, match="give one of"):  # neither: the default model (tests/test_default_model.py)
+        ServeSettings.from_args({"checkpoint": str(serve_app.checkpoint), "model_uri": "models:/x@champion"})
     with pytest.raises(ValueError, match="unknown app argument"):
         ServeSettings.from_args({"checkpoint": str(serve_app.checkpoint), "chekpoint": "x"})
 

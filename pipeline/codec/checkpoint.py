@@ -16,10 +16,10 @@ Every failure is one :class:`CheckpointError` line.
 Format 3 (``roicodec-checkpoint/3``, written now) is format 2 stored compactly, every bit
 kept (``layout`` says what was packed, :func:`unpack_state_dict` restores it): each CDF
 table (``*._quantized_cdf``, rows padded with zeros to the longest) as its rows' own
-``_cdf_length`` entries end to end, and 0/1 float masks (CompressAI's masked convs) as bool.
-The integer hyper-decoder's weights are int16 in the model itself
-(:data:`~pipeline.codec.integer.WEIGHT_DTYPE`); format-2 files, with int64 weights and padded
-tables, load as they are. Older code refuses a format-3 file by its format string, rather
+``_cdf_length`` entries end to end, 0/1 float masks (CompressAI's masked convs) as bool, and
+int64 tensors whose values fit int16 (the integer hyper-decoder's weights, |w| < 2^15) as int16.
+In memory everything keeps its dtype (DDP's broadcast takes no int16 on gloo); format-2 files
+load as they are. Older code refuses a format-3 file by its format string, rather
 than loading packed tables as padded ones.
 """
 
@@ -42,6 +42,7 @@ CODING_FORMATS = ("roicodec-checkpoint/2", CHECKPOINT_FORMAT)  # with the coding
 OLD_FORMATS = ("roicodec-checkpoint/1",)
 CDF_SUFFIX, LENGTH_SUFFIX = "_quantized_cdf", "_cdf_length"
 MAX_PADDING = 64  # a table padded over its rows' own entries: 7.6x at most in our models (trained or not)
+NARROW_MAX = torch.iinfo(torch.int16).max
 MASK_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 
 
@@ -152,8 +153,7 @@ def fingerprint(model: ROICodec) -> bytes:
     """8 bytes identifying the model: a hash of its variant, config, parameters and coding state.
 
     Parameters and float buffers count as float32 (a copy cast to float64 or moved to a GPU
-    keeps its fingerprint), integer buffers (CDF tables, the integer hyper-decoder) as int64
-    (so the int16 weights of today hash as the int64 ones of older checkpoints did).
+    keeps its fingerprint), integer buffers (CDF tables, the integer hyper-decoder) as int64.
     Cached per model until a tensor of its state changes (PyTorch's version counters).
     """
     state = model.state_dict()
@@ -221,6 +221,9 @@ def pack_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
             if torch.equal(as_bool.to(t.dtype), t) and not bool(torch.signbit(t).any()):  # only 0.0 and 1.0
                 packed[name], layout[name] = as_bool, ["bool", str(t.dtype).removeprefix("torch.")]
                 continue
+        if t.dtype == torch.int64 and t.numel() and bool((t.abs() <= NARROW_MAX).all()):
+            packed[name], layout[name] = t.to(torch.int16), ["narrow", "int64"]  # the integer weights: |w| < 2^15
+            continue
         packed[name] = t
     return packed, layout
 
@@ -243,6 +246,8 @@ def unpack_state_dict(state: dict[str, torch.Tensor], layout: dict[str, list] | 
             out[name] = _unpack_cdf(state[name], lengths, arg)
         elif kind == "bool" and arg in MASK_DTYPES:
             out[name] = state[name].to(MASK_DTYPES[arg])
+        elif kind == "narrow" and arg == "int64" and state[name].dtype == torch.int16:
+            out[name] = state[name].to(torch.int64)
         else:
             raise CheckpointError(f"unknown packing {how!r} of {name}")
     return out

@@ -9,9 +9,9 @@ Johnston and Minnen, "Integer networks for data compression with latent-variable
 from integers (the hyper-latent's decoded symbols):
 
 - :class:`IntegerHyperSynthesis` is a post-training integerisation of the float
-  hyper-decoder ``h_s``: per-output-channel power-of-two weight scales (|w| < 2^15, so
-  the weights are stored as int16), integer biases (int64: up to 2^52), and after every
-  layer a rounding right-shift to a per-layer fixed-point format and a clamp to |a| < 2^20; LeakyReLU's slope is 41/4096. The formats come from a
+  hyper-decoder ``h_s``: per-output-channel power-of-two weight scales (|w| < 2^15),
+  integer biases, and after every layer a rounding right-shift to a per-layer fixed-point
+  format and a clamp to |a| < 2^20; LeakyReLU's slope is 41/4096. The formats come from a
   data-free calibration (hyper-latents drawn from the entropy bottleneck's own CDF tables,
   8x headroom), so ``update()`` needs no images.
 - Sums are exact: integers held in float64, every accumulator bounded below 2^52
@@ -47,10 +47,6 @@ LEAKY_NUM, LEAKY_SHIFT = 41, 12  # LeakyReLU(0.01) as x * 41 / 4096 for x < 0
 MAX_FRAC = 40          # fraction bits are capped (all-zero layers of an untrained model)
 ACT_MAX = 2 ** ACT_BITS - 1
 WEIGHT_MAX = 2 ** WEIGHT_BITS - 1
-# |w| <= WEIGHT_MAX fits int16 exactly (a quarter of int64's bytes: most of a checkpoint's
-# integer state); biases (|b| < 2^52), shifts, thresholds stay int64 (small, and wide ranges)
-WEIGHT_DTYPE = torch.int16
-assert WEIGHT_MAX <= torch.iinfo(WEIGHT_DTYPE).max
 
 
 def exact_matmul(weight: Tensor, x: Tensor) -> Tensor:
@@ -88,7 +84,7 @@ class IntegerConv(nn.Module):
         self.activation = activation
         out_ch = layer.out_channels
         in_ch = layer.in_channels
-        self.register_buffer("weight", torch.zeros(out_ch, in_ch, self.kernel, self.kernel, dtype=WEIGHT_DTYPE))
+        self.register_buffer("weight", torch.zeros(out_ch, in_ch, self.kernel, self.kernel, dtype=torch.int64))
         self.register_buffer("bias", torch.zeros(out_ch, dtype=torch.int64))
         self.register_buffer("shift", torch.zeros(out_ch, dtype=torch.int64))
 
@@ -121,21 +117,9 @@ class IntegerConv(nn.Module):
             raise ValueError(f"integer layer accumulator bound {float(bound.max()):.3g} exceeds 2^52 "
                              "(fan-in too large for exact float64 sums)")
         device = self.weight.device
-        self.weight.copy_(w_int.to(device, WEIGHT_DTYPE))  # exact: |w_int| <= WEIGHT_MAX
+        self.weight.copy_(w_int.to(device, torch.int64))
         self.bias.copy_(b_int.to(device, torch.int64))
         self.shift.copy_((acc_frac - out_frac).to(device, torch.int64))
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-        # checkpoints written before the weights were int16 hold them as int64: they load
-        # (``copy_`` narrows them) when every weight is in range, never wrapped around
-        incoming = state_dict.get(prefix + "weight")
-        if (isinstance(incoming, Tensor) and not incoming.is_floating_point() and incoming.numel()
-                and (int(incoming.max()) > WEIGHT_MAX or int(incoming.min()) < -WEIGHT_MAX)):
-            error_msgs.append(f"{prefix}weight holds integers beyond |w| <= {WEIGHT_MAX}")
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     def _prepared(self) -> tuple[list[tuple[int, int, Tensor]], Tensor, Tensor]:
         """The float64 forms of the buffers, cached until a buffer changes: the taps with a
