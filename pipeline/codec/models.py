@@ -194,12 +194,12 @@ class ROICodec(CompressionModel):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 roi_quality: RateLike = 1.0, rate: RateLike = 1.0) -> dict[str, Any]:
-        """CompressAI-style forward: ``x_hat`` and ``likelihoods`` (noise in train mode,
-        rounding around the predicted means in eval mode)."""
+        """CompressAI-style forward: ``x_hat``, ``likelihoods`` and the latent ``y_hat`` as coded
+        (gains applied; noise in train mode, rounding around the predicted means in eval mode)."""
         y = self.encode_latent(x, mask, roi_quality, rate).float()
         steps = None if mask is None else step_map(roi_cells(mask, y.shape[-2:]), roi_quality)
         y_hat, likelihoods, z_hat = self.latent_codec(y, steps)
-        return {"x_hat": self.decode_latent(y_hat, z_hat, rate), "likelihoods": likelihoods}
+        return {"x_hat": self.decode_latent(y_hat, z_hat, rate), "likelihoods": likelihoods, "y_hat": y_hat}
 
     @torch.no_grad()
     def compress(self, x: torch.Tensor, mask: torch.Tensor | None = None,
