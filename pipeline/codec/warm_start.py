@@ -44,6 +44,7 @@ from pipeline.codec.checkpoint import CheckpointError, checkpoint_state_dict
 from pipeline.codec.default_model import DEFAULT, default_checkpoint
 from pipeline.codec.models import ROICodec, build_model, rename_prefixes
 
+CHECKPOINT_MODEL_FILE = "model.pt"  # in a training checkpoint folder
 ZOO_PREFIX = "compressai:"
 ZOO_ARCHITECTURE = "mbt2018-mean"
 # The lambdas CompressAI trained its MSE zoo models with, by quality (its documentation).
@@ -70,6 +71,7 @@ class InitSource:
     trained_lambda: float | None = None  # the zoo quality's lambda; None when unknown
     variant: str | None = None  # roicodec checkpoints only
     sha256: str = ""
+    model_config: dict[str, Any] = field(default_factory=dict)  # roicodec checkpoints: what built the model
 
     def describe(self) -> str:
         lam = f", lambda {self.trained_lambda:g}" if self.trained_lambda is not None else ""
@@ -200,6 +202,8 @@ def load_init_source(spec: str) -> InitSource:
         digest = _sha256(path)
     else:
         path = Path(spec).expanduser()
+        if path.is_dir() and (path / CHECKPOINT_MODEL_FILE).is_file():  # a training checkpoint folder
+            path = path / CHECKPOINT_MODEL_FILE
         if not path.is_file():
             raise InitError(f"init weights not found: {path}")
         digest = _sha256(path)
@@ -207,7 +211,7 @@ def load_init_source(spec: str) -> InitSource:
     if isinstance(blob, dict) and str(blob.get("format", "")).startswith("roicodec-checkpoint/"):
         cfg = blob.get("config") or {}
         return InitSource(spec, path, "roicodec", checkpoint_state_dict(blob), int(cfg.get("N", 0)),
-                          int(cfg.get("M", 0)), None, blob.get("variant"), digest)
+                          int(cfg.get("M", 0)), None, blob.get("variant"), digest, dict(cfg))
     state = _hyperprior_state(blob, path)
     return InitSource(spec, path, "compressai", state, state["g_a.0.weight"].shape[0],
                       state["g_a.6.weight"].shape[0], trained_lambda, None, digest)
@@ -321,9 +325,11 @@ def rate_of_point(model: ROICodec, point: int) -> float:
 
 def warm_started(variant: str, spec: str, rate_lambdas: Sequence[float], trained_lambda: float | None = None,
                  **config: Any) -> tuple[ROICodec, WarmStartReport]:
-    """Build ``variant`` with one rate point per lambda (N and M default to the weights') and
-    warm-start it from ``spec`` (see :func:`load_init_source`)."""
+    """Build ``variant`` with one rate point per lambda (N and M default to the weights'; the rest of
+    the model options to a checkpoint's of the same variant) and warm-start it from ``spec`` (see
+    :func:`load_init_source`)."""
     source = load_init_source(spec)
-    config = {"N": source.N, "M": source.M, **config, "n_rates": len(rate_lambdas)}
+    base = source.model_config if source.kind == "roicodec" and source.variant == variant else {}
+    config = {**base, "N": source.N, "M": source.M, **config, "n_rates": len(rate_lambdas)}
     model = build_model(variant, **config)
     return model, warm_start(model, source, rate_lambdas, trained_lambda)

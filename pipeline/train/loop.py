@@ -26,7 +26,9 @@ Every worker:
 
    - ``model.pt``: :func:`~pipeline.codec.checkpoint.save_checkpoint` of a copy with
      its entropy-coding tables built (loadable by ``load_checkpoint`` and the CLI);
-   - ``train_state.pt``: both optimizers' states, the step counter, the config.
+   - ``train_state.pt``: both optimizers' states, the step counter, the config;
+   - ``discriminator.pt`` in the perceptual stage (``stage="perceptual"``, see
+     :mod:`pipeline.train.perceptual.stage`): the discriminator and its optimizer.
 
 Validation (rank 0, on the held-out centre crops the driver put in the object store
 (``config["_val"]``, see :func:`pipeline.data.dataset.validation_crops`), eval mode, a copy
@@ -67,6 +69,7 @@ from pipeline.codec.models import ROICodec, build_model
 from pipeline.eval.metrics import psnr, roi_psnr
 from pipeline.masks.ops import assign_nonroi_value
 from pipeline.train.loss import ROIRateDistortionLoss, bits_per_pixel
+from pipeline.train.perceptual.stage import DISC_FILE, PerceptualStage, load_discriminator_state
 from pipeline.train.steps import StepSettings, learning_rate, make_optimizers, set_learning_rate, train_step
 
 if TYPE_CHECKING:
@@ -278,10 +281,11 @@ class _Worker:
     optimizer: torch.optim.Optimizer
     aux_optimizer: torch.optim.Optimizer
     settings: StepSettings
-    loss_fn: ROIRateDistortionLoss
+    loss_fn: ROIRateDistortionLoss  # the MSE stage's (validation ranks checkpoints by it in both stages)
     rng: random.Random
     start_step: int
     total: int
+    perceptual: PerceptualStage | None  # the second stage's loss and discriminator
 
 
 def _device(config: dict[str, Any]) -> tuple[torch.device, bool]:
@@ -300,7 +304,8 @@ def _device(config: dict[str, Any]) -> tuple[torch.device, bool]:
 
 def _build_or_resume(config: dict[str, Any]) -> tuple[ROICodec, dict[str, Any] | None]:
     """The variant built with the run's seed, and the ``train_state.pt`` dict when Ray Train hands
-    this worker a checkpoint (its weights loaded); without one, the driver's warm start if any."""
+    this worker a checkpoint (its weights loaded; ``state["discriminator"]`` the checkpoint's
+    discriminator, if any); without one, the driver's warm start if any."""
     import ray
     import ray.train
 
@@ -309,7 +314,9 @@ def _build_or_resume(config: dict[str, Any]) -> tuple[ROICodec, dict[str, Any] |
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            return model, load_training_checkpoint(d, model)
+            state = load_training_checkpoint(d, model)
+            state["discriminator"] = load_discriminator_state(d)
+            return model, state
     if config.get("_init") is not None:  # a fresh warm-started run (the driver did the warm start)
         model.load_state_dict(ray.get(config["_init"]))
     return model, None
@@ -351,10 +358,14 @@ def _setup_worker(config: dict[str, Any]) -> _Worker:
                             lambda_high=config["lambda_high"])
     loss_fn = ROIRateDistortionLoss(omega=config["omega"], normalize=config["lambda_norm"],
                                     ms_ssim_weight=config["ms_ssim_weight"])
+    perceptual = None
+    if config.get("stage", "mse") == "perceptual":
+        perceptual = PerceptualStage(config, codec.M, device, (state or {}).get("discriminator"))
+        perceptual.prepare()
     # Knob sampling: a different stream per worker and per (re)start point.
     rng = random.Random(hash((config["seed"], rank, start_step)) & 0xFFFFFFFF)
     return _Worker(config, rank, world, device, amp, net, codec, optimizer, aux_optimizer, settings, loss_fn, rng,
-                   start_step, int(config["steps"]))
+                   start_step, int(config["steps"]), perceptual)
 
 
 def _crash_once_if_asked(config: dict[str, Any], step: int, rank: int) -> None:
@@ -403,6 +414,8 @@ class _Reporter:
         """The means of the steps since the last report, their ``history`` and the throughput."""
         elapsed = time.perf_counter() - self.t_interval
         metrics: dict[str, Any] = {"step": done, "start_step": self.w.start_step, "world_size": self.w.world}
+        if self.w.perceptual is not None and self.w.perceptual.resumed_step is not None:
+            metrics["disc_start_step"] = self.w.perceptual.resumed_step
         if self.history:
             metrics.update({k: v for k, v in _mean(self.history).items() if k != "step"})
             metrics["steps_per_s"] = len(self.history) / max(elapsed, 1e-9)
@@ -451,12 +464,16 @@ class _Reporter:
         save_checkpoint(coder, folder / MODEL_FILE, extra=extra)
         torch.save({"step": done, "optimizer": w.optimizer.state_dict(), "aux_optimizer": w.aux_optimizer.state_dict(),
                     "config": {k: v for k, v in w.config.items() if not k.startswith("_")}}, folder / STATE_FILE)
+        if w.perceptual is not None:
+            w.perceptual.save(folder / DISC_FILE, done)
         return ray.train.Checkpoint.from_directory(folder)
 
 
 def _train_step(w: _Worker, step: int, x: torch.Tensor, m: torch.Tensor) -> dict[str, float]:
     """One step at the learning rate of its place in the schedule; its metrics."""
     set_learning_rate(w.optimizer, learning_rate(step, w.total, w.config["lr"], w.config["lr_drop"]))
+    if w.perceptual is not None:
+        return w.perceptual.step(w.net, x, m, w.optimizer, w.aux_optimizer, w.settings, w.rng, amp=w.amp)
     return train_step(w.net, x, m, w.loss_fn, w.optimizer, w.aux_optimizer, w.settings, w.rng, amp=w.amp)
 
 

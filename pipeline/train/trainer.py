@@ -54,12 +54,20 @@ from pipeline.mlflow_store import resolve_tracking_uri
 from pipeline.ray_session import ensure_ray
 from pipeline.train import tracking
 from pipeline.train.loss import NORMALIZATIONS
+from pipeline.train.perceptual.stage import STAGES, perceptual_weights
 from pipeline.train.loop import (DEFAULT_CHECKPOINT_EVERY, DEFAULT_REPORT_EVERY, DEFAULT_VAL_POINTS, MODEL_FILE,
                                  train_loop_per_worker)
 
 DEFAULT_MODEL = {"N": 128, "M": 192, "n_rates": 4}
 SMOKE_MODEL = {"N": 16, "M": 24, "n_rates": 2}
 
+
+PERCEPTUAL_DEFAULTS = dataclasses.asdict(perceptual_weights(None))
+PERCEPTUAL_HELP = {"rate": "rate term (1: each rate point's rate/MSE balance of the MSE stage)",
+                   "mse": "MSE term, weighted by the ROI (the background at its Q)",
+                   "l1_roi": "L1 term inside the ROI", "l1_nonroi": "L1 term outside the ROI",
+                   "lpips": "LPIPS (VGG-16) term", "style": "Gram-matrix style term (VGG-16)",
+                   "lap": "Laplacian-pyramid term", "adv": "adversarial term"}
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -124,6 +132,12 @@ class TrainConfig:
     omega: float = 3.0
     lambda_norm: str = "roi"  # see pipeline.train.loss
     ms_ssim_weight: float = 0.0
+    stage: str = "mse"  # "perceptual": the second stage (pipeline.train.perceptual.stage)
+    loss_weights: dict[str, float] = field(default_factory=dict)  # the perceptual loss's, over its defaults
+    vgg_losses: bool = True  # LPIPS and the style loss (need VGG-16 weights)
+    vgg_weights: str | None = None  # default: torchvision's cache
+    disc_lr: float = 1e-4
+    disc_width: int = 32
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     report_every: int = DEFAULT_REPORT_EVERY
     keep: int = 3
@@ -164,7 +178,16 @@ class TrainConfig:
         if c.placement_strategy not in PLACEMENT_STRATEGIES:
             raise TrainError(f"placement strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
                              f"got {c.placement_strategy!r}")
-        c.registered_model = c.registered_model or f"roicodec-{c.variant}"
+        if c.stage not in STAGES:
+            raise TrainError(f"stage must be one of {', '.join(STAGES)}, got {c.stage!r}")
+        try:
+            perceptual_weights(c.loss_weights)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
+        suffix = "-perceptual" if c.stage == "perceptual" else ""
+        c.registered_model = c.registered_model or f"roicodec-{c.variant}{suffix}"
+        if c.disc_lr <= 0 or c.disc_width < 1:
+            raise TrainError(f"need disc_lr > 0 and disc_width >= 1, got {c.disc_lr}, {c.disc_width}")
         for name in ("steps", "batch_size", "checkpoint_every", "report_every", "keep", "num_workers"):
             if getattr(c, name) < 1:
                 raise TrainError(f"{name} must be at least 1, got {getattr(c, name)}")
@@ -235,6 +258,18 @@ def _check_model(cfg: TrainConfig) -> None:
             raise TrainError(f"model: {exc}") from None
 
 
+def _check_perceptual(cfg: TrainConfig) -> None:
+    """The perceptual stage's VGG-16 weights load (before Ray starts): one line naming the options."""
+    if cfg.stage != "perceptual" or not cfg.vgg_losses:
+        return
+    from pipeline.train.perceptual.losses import PerceptualWeightsError, VGGFeatures
+
+    try:
+        VGGFeatures(cfg.vgg_weights)
+    except PerceptualWeightsError as exc:
+        raise TrainError(str(exc)) from None
+
+
 def warm_start_model(cfg: TrainConfig) -> tuple[Any, Any]:
     """The model every worker of a fresh run starts from, warm-started from ``cfg.init`` (N and M
     the weights' unless ``cfg.model`` gives them), and the
@@ -284,13 +319,14 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
 
     cfg = (config if isinstance(config, TrainConfig) else TrainConfig(**config)).resolved()
     _check_model(cfg)
+    _check_perceptual(cfg)
     try:
         plan = plan_shards(cfg.shards, cfg.val_fraction)  # bad data fails here, before Ray starts
     except DatasetError as exc:
         raise TrainError(str(exc)) from None
     init_model, init_report = warm_start_model(cfg) if cfg.init else (None, None)  # bad weights fail here too
-    if init_model is not None:
-        cfg.model.update(N=init_model.N, M=init_model.M)
+    if init_model is not None:  # what the workers build: the warm-started model's options
+        cfg.model = dict(init_model.config)
     ensure_ray()
     try:
         data = training_datasets(plan, crop=cfg.crop, val_crop=cfg.val_crop, val_fraction=cfg.val_fraction,
@@ -326,7 +362,8 @@ def train(config: TrainConfig | dict[str, Any]) -> TrainOutcome:
                                                    "shuffle_buffer": max(4 * cfg.batch_size, 64)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
-        run_config=run_config(cfg, run_id, scored=data.val is not None), datasets={"train": data.train},
+        # the perceptual stage keeps its latest checkpoints: val_loss (MSE) would prefer its start
+        run_config=run_config(cfg, run_id, scored=data.val is not None and cfg.stage == "mse"), datasets={"train": data.train},
         dataset_config=ray.train.DataConfig(execution_options=ordered_ingest()))
     try:
         result = trainer.fit()
@@ -449,7 +486,7 @@ def build_parser(variant: str | None = None, description: str | None = None) -> 
                    help="generalized Gaussian shape per element (predicted) or per channel (learned); default element")
     p.add_argument("--init", metavar="WEIGHTS",
                    help="warm start a new run from compressai:mbt2018-mean:Q (CompressAI's pretrained weights of "
-                        "quality 1-8, read from the torch hub cache), default (the pretrained model installed with roicodec) or a file (a CompressAI MeanScaleHyperprior "
+                        "quality 1-8, read from the torch hub cache), default (the pretrained model installed with roicodec), a file (a CompressAI MeanScaleHyperprior "
                         "state dict, or one of our checkpoints of the same variant); N and M default to the "
                         "weights'. Ignored when the run resumes from its own checkpoint")
     p.add_argument("--init-lambda", type=float,
@@ -468,6 +505,21 @@ def build_parser(variant: str | None = None, description: str | None = None) -> 
                    help="roi: ROI pixels get alpha, the background alpha * exp(-omega (1 - Q)); mean: the map's "
                         "mean is alpha (Q moves bits at a similar size)")
     p.add_argument("--ms-ssim-weight", type=float, default=0.0, help="weight of an MS-SSIM term (crops > 160 px)")
+    p.add_argument("--stage", choices=STAGES, default="mse",
+                   help="mse: rate-distortion training; perceptual: TLIC's second stage (perceptual, style, "
+                        "Laplacian and adversarial losses, a U-Net discriminator), usually with --init of an MSE "
+                        "checkpoint (docs/training.md)")
+    for key, default in PERCEPTUAL_DEFAULTS.items():
+        p.add_argument(f"--loss-{key.replace('_', '-')}", type=float, dest=f"loss_{key}", metavar="W", default=default,
+                       help=f"perceptual stage: weight of the {PERCEPTUAL_HELP[key]}")
+    p.add_argument("--no-vgg-losses", action="store_true",
+                   help="perceptual stage without LPIPS and the style loss (no VGG-16 weights needed)")
+    p.add_argument("--vgg-weights", metavar="FILE",
+                   help="torchvision's VGG-16 weights (vgg16-397923af.pth) for LPIPS and the style loss "
+                        "(default: torchvision's cache; never downloaded)")
+    p.add_argument("--disc-lr", type=float, default=1e-4, help="perceptual stage: the discriminator's learning rate")
+    p.add_argument("--disc-width", type=int, default=32,
+                   help="perceptual stage: the discriminator's first-layer channels")
     p.add_argument("--saliency-weight", type=float, default=0.0,
                    help="blend saliency into the ROI mask: max(roi, w * saliency)")
     p.add_argument("--roi-crops", type=float, default=0.0, dest="roi_crop_fraction",
@@ -603,6 +655,9 @@ def config_from_args(args: argparse.Namespace, variant: str | None = None) -> Tr
         lr=pick(args.lr, 1e-4, 2e-3), aux_lr=args.aux_lr, lambda_low=pick(args.alpha_low, 0.0035, 0.0483),
         lambda_high=pick(args.alpha_high, 0.0483, 0.18),
         omega=args.omega, ms_ssim_weight=args.ms_ssim_weight,
+        stage=args.stage, vgg_losses=not args.no_vgg_losses, vgg_weights=args.vgg_weights, disc_lr=args.disc_lr,
+        disc_width=args.disc_width,
+        loss_weights={k: getattr(args, f"loss_{k}") for k in PERCEPTUAL_DEFAULTS},
         checkpoint_every=pick(args.checkpoint_every, DEFAULT_CHECKPOINT_EVERY, 20), report_every=args.report_every,
         keep=args.keep,
         num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,

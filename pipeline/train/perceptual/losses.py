@@ -206,7 +206,9 @@ class PerceptualLoss(nn.Module):
 
     ``vgg=False`` leaves out LPIPS and the style loss (no VGG weights needed). ``forward`` returns
     every (unweighted) term, ``bpp``, and the weighted total ``loss``; ``adv`` is 0 without a
-    discriminator. ``rate_scale`` (float or (B,)) multiplies the rate weight per image (rate points).
+    discriminator. ``mask`` is the ROI (the L1 terms' split); ``delta`` weighs the MSE term (default
+    ``mask``; the training stage passes the effective mask, the background at its Q).
+    ``rate_scale`` (float or (B,)) multiplies the rate weight per image (rate points).
     """
 
     def __init__(self, weights: PerceptualWeights = PerceptualWeights(), vgg: bool = True,
@@ -216,11 +218,12 @@ class PerceptualLoss(nn.Module):
         self.lpips = LPIPSDistance(VGGFeatures(vgg_weights, allow_random)) if vgg else None
 
     def forward(self, output: Mapping[str, Any], x: Tensor, mask: Tensor | None = None,
-                disc: UNetDiscriminator | None = None, rate_scale: float | Tensor = 1.0) -> dict[str, Tensor]:
+                disc: UNetDiscriminator | None = None, rate_scale: float | Tensor = 1.0,
+                delta: Tensor | None = None) -> dict[str, Tensor]:
         x_hat = output["x_hat"]
         mask = torch.ones_like(x[:, :1]) if mask is None else mask
         bpp = bits_per_pixel_each(output["likelihoods"], x.shape[-2] * x.shape[-1])
-        terms = {"mse": masked_mean((x_hat - x) ** 2, mask).mean()}
+        terms = {"mse": masked_mean((x_hat - x) ** 2, mask if delta is None else delta).mean()}
         terms["l1_roi"], terms["l1_nonroi"] = roi_l1(x_hat, x, mask)
         terms["lap"] = laplacian_pyramid_loss(x_hat, x)
         if self.lpips is not None:
