@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipeline.errors import run_cli  # noqa: E402
 from pipeline.eval.cli import (EVALUATE_DESCRIPTION, EVALUATE_EPILOG, add_evaluate_arguments,  # noqa: E402
-                               run_evaluate_command, sweep_rates)
+                               lpips_from_args, run_evaluate_command, sweep_rates)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +66,8 @@ def run_champion(args: argparse.Namespace) -> int:
     if candidates is None:
         raise EvaluationError("--select-champion needs --checkpoints DIR or --experiment NAME")
     out_json = Path(args.json)
-    task = {}
+    lpips = lpips_from_args(args)  # loaded once for every candidate
+    extra = {} if lpips is None else {"lpips": lpips}  # rd_sweep's keywords
     if args.task_annotations is not None:  # rank by task metrics, e.g. --criterion bd_rate_map_vs_jpeg
         from functools import partial
 
@@ -75,13 +76,13 @@ def run_champion(args: argparse.Namespace) -> int:
 
         keywords = task_keywords(args)
         keywords["detector"].check()  # missing weights: one line now, not a failure per candidate
-        task = {"sweep": partial(task_sweep, **keywords), "write_outputs": write_task_outputs}
+        extra = {"sweep": partial(task_sweep, **keywords), "write_outputs": write_task_outputs}
     result = select_champion(
         candidates, args.images, args.masks, criterion=args.criterion, tracking_uri=args.mlflow_uri,
         registered_model=args.registered_model, set_alias=not args.no_alias,
         out_dir=Path(args.plots) if args.plots else out_json.with_name(out_json.stem + "_rd"),
         progress=not args.no_progress, roi_quality=args.roi_quality, rates=sweep_rates(args.sweep_rates),
-        roi_qualities=args.sweep_roi_qualities, baselines=args.baselines, **task)
+        roi_qualities=args.sweep_roi_qualities, baselines=args.baselines, **extra)
     to_json(result, out_json)
     for row in result["ranking"]:
         value = "nan" if row["value"] is None else f"{row['value']:+.2f}"

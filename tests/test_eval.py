@@ -260,10 +260,10 @@ def test_roicodec_evaluate_via_the_main_cli(untrained_ckpt, tmp_path):
 # in test_rd_sweep_with_the_real_codec below.
 
 def fake_learned(monkeypatch, factors: dict[bytes, float]) -> None:
-    def learned_point(model, x, mask, roi_quality, rate, eval_mask=None):
+    def learned_point(model, x, mask, roi_quality, rate, eval_mask=None, lpips=None):
         res = bl.encode_at_setting("jpeg", tensor_to_image(x), 5 + 90 * rate)
         scale = factors[fingerprint(model)] * (0.9 if roi_quality < 1 else 1.0)
-        return {"bpp": res.bpp * scale, **quality(x, res.x_hat, mask), "setting": rate}
+        return {"bpp": res.bpp * scale, **quality(x, res.x_hat, mask, lpips), "setting": rate}
     monkeypatch.setattr(rd, "learned_point", learned_point)
 
 
@@ -364,7 +364,8 @@ def test_sweep_bd_and_champion_on_a_trained_and_an_untrained_codec(trained, tmp_
     """The sweep, BD numbers and champion selection on the real codec, no stand-in: conftest's
     tiny sft trained 1000 steps against the same model untrained, through their checkpoint files
     and real .roic files. Measured: the trained curve spans 0.17-0.42 bpp at 18.6-18.8 dB ROI
-    PSNR, BD-rate on ROI PSNR +196% against JPEG (a CPU-minutes model loses to JPEG, as the
+    PSNR, BD-rate on ROI PSNR +196% against JPEG (on another CPU: 0.16-0.47 bpp, 17.9-18.5 dB,
+    not monotone) (a CPU-minutes model loses to JPEG, as the
     README says); the untrained one codes every rate to the same 8 dB (ROI PSNR) image, a curve that meets
     no JPEG point: no BD number, ranked last."""
     from conftest import tiny_model as tiny_variant
@@ -391,7 +392,10 @@ def test_sweep_bd_and_champion_on_a_trained_and_an_untrained_codec(trained, tmp_
                          [p["bpp"] for p in points], [p["roi_psnr"] for p in points])
     assert recomputed == pytest.approx(ours["bd"]["bd_rate_roi_vs_jpeg"])
     rate, gain = ours["bd"]["bd_rate_roi_vs_jpeg"], ours["bd"]["bd_psnr_roi_vs_jpeg"]
-    assert math.isfinite(rate) and math.isfinite(gain) and (rate > 0) == (gain < 0)  # more bits <=> fewer dB
+    assert math.isfinite(rate) and math.isfinite(gain)
+    psnrs = [p["roi_psnr"] for p in points]
+    if psnrs == sorted(psnrs):  # a monotone curve: more bits <=> fewer dB (a bent one, as this CPU-minutes
+        assert (rate > 0) == (gain < 0)  # model's can be on some CPUs, has no such guarantee)
     assert all(v is None or math.isfinite(v) for v in ours["bd"].values())
     for name in ("rd_roi_psnr.png", "bd.csv", "rd_points.csv"):
         assert any(Path(f).name == name for f in [*res["best"]["files"]["plots"], res["best"]["files"]["bd_csv"],

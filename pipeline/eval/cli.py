@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.argtypes import positive_int, unit_interval
 from pipeline.codec.default_model import DEFAULT, default_checkpoint
+
+if TYPE_CHECKING:
+    from pipeline.eval.perceptual import LPIPSDistance
 
 EVALUATE_HELP = "evaluate a checkpoint: bpp, ROI/non-ROI PSNR, MS-SSIM vs JPEG/WebP/JPEG 2000"
 
@@ -22,7 +26,11 @@ Every image is compressed to a .roic file with its mask and decoded back; bpp is
 the real file size. JPEG, WebP and JPEG 2000 (Pillow) are run at the setting whose
 bpp is nearest to the learned file's, and the same checkpoint with ROI off
 (uniform quality, rate searched for the nearest bpp) is the learned baseline.
-Per image and mean: bpp, psnr, roi_psnr, nonroi_psnr, ms_ssim for every codec.
+Per image and mean: bpp, psnr, roi_psnr, nonroi_psnr, ms_ssim for every codec,
+and perceptual metrics: haarpsi (1 = identical), gmsd (0 = identical), and
+texture_roi / texture_nonroi (fine-band Laplacian energy of the decoded image over
+the original's inside / outside the ROI: 1 = as detailed as the original, < 1
+smoother, > 1 noisier). With --vgg-weights also lpips, lpips_roi, lpips_nonroi.
 
 Masks are MASKS/<image stem>.png (white = ROI). Without --masks the whole image
 is ROI: roi_psnr equals psnr and nonroi_psnr is null. Unreadable images are
@@ -95,6 +103,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser, default_model: bool 
                              "(default: <OUT>_rd/ or <OUT>_task/ next to the JSON)")
     parser.add_argument("--baselines", nargs="+", choices=BASELINES, default=list(BASELINES),
                         help="classic codecs to compare with (default: all)")
+    parser.add_argument("--vgg-weights", metavar="FILE", default=None,
+                        help="torchvision's VGG-16 weights (vgg16-397923af.pth; never downloaded): adds LPIPS, "
+                             "whole and inside/outside the ROI (default: no LPIPS)")
     add_task_arguments(parser)
     parser.add_argument("--mlflow-uri", default=None, metavar="URI",
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
@@ -181,6 +192,17 @@ def run_task_command(args: argparse.Namespace) -> dict:
     return result
 
 
+def lpips_from_args(args: argparse.Namespace) -> LPIPSDistance | None:
+    """The LPIPS model of ``--vgg-weights``, or None without it (LPIPS is not a task metric)."""
+    if getattr(args, "vgg_weights", None) is None:
+        return None
+    if getattr(args, "task_annotations", None) is not None:
+        from pipeline.eval.evaluate import EvaluationError
+        raise EvaluationError("--vgg-weights (LPIPS) works with evaluate and --sweep, not --task-annotations")
+    from pipeline.eval.perceptual import load_lpips
+    return load_lpips(args.vgg_weights)
+
+
 def sweep_rates(k: int) -> list[float]:
     """K rates evenly spaced on [0, 1]."""
     return [round(i / (k - 1), 6) for i in range(k)]
@@ -199,6 +221,7 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
         raise EvaluationError("--plots needs --sweep or --task-annotations (plots are RD curves)")
     progress = not args.no_progress
     out_json = Path(args.json)
+    lpips = lpips_from_args(args)
     if args.task_annotations is not None:
         if args.sweep:
             raise EvaluationError("choose --sweep (pixel metrics) or --task-annotations (task metrics, which "
@@ -207,7 +230,7 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     elif args.sweep:
         result = rd_sweep(args.checkpoint, args.images, args.masks, roi_quality=args.roi_quality,
                           rates=sweep_rates(args.sweep_rates), roi_qualities=args.sweep_roi_qualities,
-                          baselines=args.baselines, progress=progress)
+                          baselines=args.baselines, progress=progress, lpips=lpips)
         plots_dir = Path(args.plots) if args.plots else out_json.with_name(out_json.stem + "_rd")
         files = write_rd_outputs(result, plots_dir, json_path=out_json)
         logged = [files["json"], files["points_csv"], files["bd_csv"], *files["plots"]]
@@ -223,7 +246,7 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
         print(f"{out_json}; plots and CSV in {plots_dir}")
     else:
         result = evaluate_checkpoint(args.checkpoint, args.images, args.masks, roi_quality=args.roi_quality,
-                                     rate=args.rate, baselines=args.baselines, progress=progress)
+                                     rate=args.rate, baselines=args.baselines, progress=progress, lpips=lpips)
         to_json(result, out_json)
         if not args.no_mlflow:
             info = log_to_mlflow(result, [out_json], args.mlflow_uri)

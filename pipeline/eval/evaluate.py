@@ -12,14 +12,17 @@ For every image of ``images_dir`` (files with an extension Pillow knows; sorted 
   quality), its continuous rate bisected for the bpp nearest to the ROI file's
   (``uniform_match="bpp"``, the default), or at the same rate (``"rate"``).
 
-Metrics of each codec (:mod:`pipeline.eval.metrics`, on the 8-bit reconstruction a user
-would get: the learned output is rounded to 8 bits like ``roicodec decompress``'s PNG):
-``bpp``, ``psnr``, ``roi_psnr``, ``nonroi_psnr``, ``ms_ssim`` (+ ``setting``: quality,
-ratio or rate). Masks are ``masks_dir/<image stem>.png`` (white = ROI, resized to the
+Metrics of each codec (:mod:`pipeline.eval.metrics` and :mod:`pipeline.eval.perceptual`, on
+the 8-bit reconstruction a user would get: the learned output is rounded to 8 bits like
+``roicodec decompress``'s PNG): ``bpp``, ``psnr``, ``roi_psnr``, ``nonroi_psnr``, ``ms_ssim``,
+``haarpsi``, ``gmsd``, ``texture_roi``, ``texture_nonroi`` (+ ``setting``: quality, ratio or
+rate); with an LPIPS model (``lpips=``, ``--vgg-weights``) also ``lpips``, ``lpips_roi``,
+``lpips_nonroi``. Masks are ``masks_dir/<image stem>.png`` (white = ROI, resized to the
 image); the codec gets the soft mask, the metrics binarise it at 0.5. Without
 ``masks_dir`` the whole image is ROI: the codec gets no mask (uniform quality, so
 ``learned_uniform`` is the learned codec itself), ``roi_psnr`` equals ``psnr`` and
-``nonroi_psnr`` is ``nan`` (an empty region); an all-black mask gives a ``nan`` ROI PSNR.
+``nonroi_psnr`` (and ``texture_nonroi``, ``lpips_nonroi``) is ``nan`` (an empty region); an
+all-black mask gives a ``nan`` ROI PSNR.
 MS-SSIM is ``nan`` for images of 32 px a side or less.
 
 The result (a JSON-ready dict)::
@@ -28,7 +31,8 @@ The result (a JSON-ready dict)::
      "codecs": ["roicodec", "learned_uniform", "jpeg", "webp", "jpeg2000"],
      "baselines_skipped": {name: reason},         # e.g. JPEG 2000 without OpenJPEG
      "images": [{"image", "width", "height", "mask", "roi_fraction",
-                 "bpp", "psnr", "roi_psnr", "nonroi_psnr", "ms_ssim", "setting",   # learned codec
+                 "bpp", "psnr", "roi_psnr", "nonroi_psnr", "ms_ssim", "haarpsi", "gmsd",
+                 "texture_roi", "texture_nonroi", "setting",                        # learned codec
                  "jpeg": {"bpp", "psnr", ..., "setting"}, "webp": {...}, "jpeg2000": {...},
                  "learned_uniform": {...}}],
      "mean": {same keys as an image entry, averaged over images (nan-aware)},
@@ -59,8 +63,9 @@ from pipeline.codec.coding import (bits_per_pixel, decode, encode, image_to_tens
 from pipeline.codec.models import ROICodec
 from pipeline.eval import baselines as bl
 from pipeline.eval.metrics import ms_ssim, psnr, roi_psnr
+from pipeline.eval.perceptual import LPIPS_KEYS, WEIGHT_FREE, LPIPSDistance, perceptual_quality
 
-METRICS = ("bpp", "psnr", "roi_psnr", "nonroi_psnr", "ms_ssim")
+METRICS = ("bpp", "psnr", "roi_psnr", "nonroi_psnr", "ms_ssim", *WEIGHT_FREE)
 LEARNED = "roicodec"
 UNIFORM = "learned_uniform"
 DEFAULT_ROI_QUALITY = 0.3
@@ -131,27 +136,38 @@ def quantize8(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255.0).round() / 255.0
 
 
-def quality(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor | None) -> dict[str, float]:
-    """psnr, roi_psnr, nonroi_psnr, ms_ssim of a reconstruction (no mask: all ROI)."""
+def quality(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor | None,
+            lpips: LPIPSDistance | None = None) -> dict[str, float]:
+    """psnr, roi_psnr, nonroi_psnr, ms_ssim and the weight-free perceptual metrics (haarpsi,
+    gmsd, texture_roi, texture_nonroi) of a reconstruction, + lpips, lpips_roi, lpips_nonroi
+    with an LPIPS model (:func:`pipeline.eval.perceptual.load_lpips`); no mask: all ROI."""
     if mask is None:
         mask = torch.ones_like(x[:, :1])
     roi, nonroi = roi_psnr(x, x_hat, mask)
-    return {"psnr": psnr(x, x_hat), "roi_psnr": roi, "nonroi_psnr": nonroi, "ms_ssim": ms_ssim(x, x_hat)}
+    return {"psnr": psnr(x, x_hat), "roi_psnr": roi, "nonroi_psnr": nonroi, "ms_ssim": ms_ssim(x, x_hat),
+            **perceptual_quality(x, x_hat, mask, lpips)}
+
+
+def metric_keys(rows: Iterable[dict[str, Any]]) -> tuple[str, ...]:
+    """:data:`METRICS`, then the LPIPS keys when some row has them (an evaluation with VGG weights)."""
+    rows = list(rows)
+    return METRICS + tuple(k for k in LPIPS_KEYS if any(k in r for r in rows))
 
 
 def _entry(bpp: float, setting: float, x: torch.Tensor, x_hat: torch.Tensor,
-           mask: torch.Tensor | None, **more: Any) -> dict[str, Any]:
-    return {"bpp": float(bpp), **quality(x, x_hat, mask), "setting": float(setting), **more}
+           mask: torch.Tensor | None, lpips: LPIPSDistance | None = None, **more: Any) -> dict[str, Any]:
+    return {"bpp": float(bpp), **quality(x, x_hat, mask, lpips), "setting": float(setting), **more}
 
 
 def learned_point(model: ROICodec, x: torch.Tensor, mask: torch.Tensor | None, roi_quality: float,
-                  rate: float, eval_mask: torch.Tensor | None = None) -> dict[str, Any]:
+                  rate: float, eval_mask: torch.Tensor | None = None, lpips: LPIPSDistance | None = None
+                  ) -> dict[str, Any]:
     """Encode to real ``.roic`` bytes, decode them, measure (``setting`` = the rate)."""
     with torch.no_grad():
         data = encode(model, x, mask, roi_quality, rate)
         x_hat = quantize8(decode(model, data))
     h, w = x.shape[-2:]
-    return _entry(bits_per_pixel(data, w, h), rate, x, x_hat, mask if eval_mask is None else eval_mask,
+    return _entry(bits_per_pixel(data, w, h), rate, x, x_hat, mask if eval_mask is None else eval_mask, lpips,
                   bytes=len(data))
 
 
@@ -184,22 +200,23 @@ def learned_at_bpp(model: ROICodec, x: torch.Tensor, target_bpp: float, roi_qual
 
 
 def uniform_point(model: ROICodec, x: torch.Tensor, eval_mask: torch.Tensor | None, target_bpp: float,
-                  rate: float, match: str = "bpp", steps: int = 8) -> dict[str, Any]:
+                  rate: float, match: str = "bpp", steps: int = 8, lpips: LPIPSDistance | None = None
+                  ) -> dict[str, Any]:
     """The learned codec with ROI off (uniform quality), at the nearest bpp or at ``rate``."""
     if match == "rate":
-        return learned_point(model, x, None, 1.0, rate, eval_mask=eval_mask)
+        return learned_point(model, x, None, 1.0, rate, eval_mask=eval_mask, lpips=lpips)
     data, r = learned_at_bpp(model, x, target_bpp, 1.0, None, steps=steps)
     with torch.no_grad():
         x_hat = quantize8(decode(model, data))
     h, w = x.shape[-2:]
-    return _entry(bits_per_pixel(data, w, h), r, x, x_hat, eval_mask, bytes=len(data))
+    return _entry(bits_per_pixel(data, w, h), r, x, x_hat, eval_mask, lpips, bytes=len(data))
 
 
 def baseline_point(name: str, image: Image.Image, x: torch.Tensor, mask: torch.Tensor | None,
-                   target_bpp: float) -> dict[str, Any]:
+                   target_bpp: float, lpips: LPIPSDistance | None = None) -> dict[str, Any]:
     """Baseline ``name`` at the nearest bpp, measured like the learned codec."""
     res = bl.encode_at_bpp(name, image, target_bpp)
-    return _entry(res.bpp, res.setting, x, res.x_hat, mask, bytes=len(res.data))
+    return _entry(res.bpp, res.setting, x, res.x_hat, mask, lpips, bytes=len(res.data))
 
 
 # -- aggregation and JSON ---------------------------------------------------------------------
@@ -210,17 +227,15 @@ def nanmean(values: Iterable[float]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-_MEAN_KEYS = METRICS + ("roi_fraction", "setting")
-
-
 def mean_entry(images: list[dict[str, Any]], codecs: list[str]) -> dict[str, Any]:
     """The ``mean`` entry: every metric (and setting) averaged over images, per codec."""
-    out: dict[str, Any] = {k: nanmean(e.get(k, float("nan")) for e in images) for k in _MEAN_KEYS}
+    out: dict[str, Any] = {k: nanmean(e.get(k, float("nan")) for e in images)
+                           for k in metric_keys(images) + ("roi_fraction", "setting")}
     for c in codecs:
         if c == LEARNED:
             continue
         rows = [e[c] for e in images if isinstance(e.get(c), dict)]
-        out[c] = {k: nanmean(r.get(k, float("nan")) for r in rows) for k in METRICS + ("setting",)}
+        out[c] = {k: nanmean(r.get(k, float("nan")) for r in rows) for k in metric_keys(rows) + ("setting",)}
     return out
 
 
@@ -259,10 +274,11 @@ def evaluate_checkpoint(checkpoint: str | Path | ROICodec, images_dir: str | Pat
                         masks_dir: str | Path | None = None, roi_quality: float = DEFAULT_ROI_QUALITY,
                         rate: float = DEFAULT_RATE, baselines: Iterable[str] = bl.BASELINES,
                         uniform: bool = True, uniform_match: str = "bpp", uniform_steps: int = 8,
-                        progress: bool = True) -> dict[str, Any]:
+                        progress: bool = True, lpips: LPIPSDistance | None = None) -> dict[str, Any]:
     """Evaluate one operating point of a checkpoint on ``images_dir`` (see the module docstring).
 
     ``checkpoint``: a checkpoint file, a Ray checkpoint folder (its ``model.pt``) or a model.
+    ``lpips``: an LPIPS model (:func:`pipeline.eval.perceptual.load_lpips`) adds the LPIPS metrics.
     Raises :class:`EvaluationError` when no image could be evaluated.
     """
     check_knobs(roi_quality, rate)
@@ -288,16 +304,16 @@ def evaluate_checkpoint(checkpoint: str | Path | ROICodec, images_dir: str | Pat
         roi_fraction = 1.0 if mask is None else float((mask >= 0.5).float().mean())
         entry: dict[str, Any] = {"image": path.name, "width": int(w), "height": int(h), "mask": mpath,
                                  "roi_fraction": roi_fraction}
-        point = learned_point(model, x, mask, roi_quality, rate)
+        point = learned_point(model, x, mask, roi_quality, rate, lpips=lpips)
         entry.update(point)
         if uniform:
             if mask is None:  # no mask: the learned codec is uniform already
                 entry[UNIFORM] = dict(point)
             else:
                 entry[UNIFORM] = uniform_point(model, x, mask, point["bpp"], rate, uniform_match,
-                                               uniform_steps)
+                                               uniform_steps, lpips)
         for name in run:
-            entry[name] = baseline_point(name, image, x, mask, point["bpp"])
+            entry[name] = baseline_point(name, image, x, mask, point["bpp"], lpips)
         images.append(entry)
     if not images:
         first = errors[0]["error"] if errors else "nothing to do"
@@ -313,7 +329,7 @@ def evaluate_checkpoint(checkpoint: str | Path | ROICodec, images_dir: str | Pat
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
-    """Human-readable lines: mean bpp / PSNR / ROI PSNR of every codec."""
+    """Human-readable lines: mean bpp, PSNRs, MS-SSIM, HaarPSI, background texture (LPIPS) of every codec."""
     mean = result["mean"]
     lines = [f"{result['n_images']} images ({len(result['errors'])} skipped), roi-quality "
              f"{result['roi_quality']:.2f}, rate {result['rate']:.2f}"]
@@ -321,7 +337,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         m = mean if c == LEARNED else mean.get(c, {})
         lines.append(f"  {c:<16} {m.get('bpp', float('nan')):7.4f} bpp  PSNR {m.get('psnr', float('nan')):6.2f} dB"
                      f"  ROI {m.get('roi_psnr', float('nan')):6.2f} dB  non-ROI "
-                     f"{m.get('nonroi_psnr', float('nan')):6.2f} dB  MS-SSIM {m.get('ms_ssim', float('nan')):.4f}")
+                     f"{m.get('nonroi_psnr', float('nan')):6.2f} dB  MS-SSIM {m.get('ms_ssim', float('nan')):.4f}"
+                     f"  HaarPSI {m.get('haarpsi', float('nan')):.4f}  non-ROI texture "
+                     f"{m.get('texture_nonroi', float('nan')):.2f}"
+                     + (f"  LPIPS {m['lpips']:.4f}" if "lpips" in m else ""))
     for name, reason in result.get("baselines_skipped", {}).items():
         lines.append(f"  {name:<16} skipped: {reason}")
     return lines

@@ -28,8 +28,11 @@ learned curve against every anchor is in ``bd_by_curve``.
 
 **Outputs** (:func:`write_rd_outputs`): ``rd.json`` (the whole result), ``rd_points.csv``
 (one row per curve point), ``bd.csv`` (one row per curve x anchor x metric), and PNG
-plots ``rd_roi_psnr.png``, ``rd_psnr.png``, ``rd_nonroi_psnr.png`` (with masks) and
-``rd_ms_ssim.png`` (matplotlib's Agg canvas; pyplot's global state is not touched).
+plots ``rd_roi_psnr.png``, ``rd_psnr.png``, ``rd_ms_ssim.png``, ``rd_haarpsi.png`` and, with
+masks, ``rd_nonroi_psnr.png`` and ``rd_texture_nonroi.png`` (the background's texture ratio, a
+line at 1 for the original); matplotlib's Agg canvas, pyplot's global state is not touched.
+Every point carries the metrics of :func:`pipeline.eval.evaluate.quality` (the perceptual ones
+of :mod:`pipeline.eval.perceptual`; LPIPS with ``lpips=``).
 
 **MLflow**: a checkpoint belongs to a run when its ``extra`` has ``mlflow_run_id``, or a
 ``run_name`` that matches a run's ``ray_train_run_name`` tag in the store (Ray Train
@@ -63,9 +66,10 @@ from tqdm import tqdm
 from pipeline.codec.checkpoint import checkpoint_extra
 from pipeline.codec.models import ROICodec
 from pipeline.eval import baselines as bl
-from pipeline.eval.evaluate import (DEFAULT_ROI_QUALITY, LEARNED, METRICS, UNIFORM, EvaluationError,
-                                    check_knobs, jsonable, learned_point, list_images, load_model,
-                                    load_pair, nanmean, quality, resolve_checkpoint, to_json)
+from pipeline.eval.evaluate import (DEFAULT_ROI_QUALITY, LEARNED, UNIFORM, EvaluationError, check_knobs, jsonable,
+                                    learned_point, list_images, load_model, load_pair, metric_keys, nanmean,
+                                    quality, resolve_checkpoint, to_json)
+from pipeline.eval.perceptual import LPIPSDistance
 from pipeline.mlflow_store import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -75,9 +79,13 @@ AP_SUFFIXES = ("_AP", "_AP50", "_AP75", "_AP_small", "_AP_medium", "_AP_large")
 DISTORTIONS = {"roi": "roi_psnr", "psnr": "psnr"}
 DEFAULT_CRITERION = "bd_rate_roi_vs_jpeg"
 CHAMPION = "champion"
-PLOT_METRICS = ("roi_psnr", "psnr", "nonroi_psnr", "ms_ssim")
+PLOT_METRICS = ("roi_psnr", "psnr", "nonroi_psnr", "ms_ssim", "haarpsi", "texture_nonroi")
+NONROI_METRICS = ("nonroi_psnr", "texture_nonroi")  # plotted only with masks
+REFERENCES = {"texture_nonroi": 1.0}  # the original's value, drawn as a line
 _LABELS = {"roi_psnr": "ROI PSNR (dB)", "psnr": "PSNR (dB)", "nonroi_psnr": "non-ROI PSNR (dB)",
-           "ms_ssim": "MS-SSIM", "bbox_AP": "detection AP (COCO, bbox)", "segm_AP": "instance segmentation AP (segm)"}
+           "ms_ssim": "MS-SSIM", "haarpsi": "HaarPSI (1 = original)",
+           "texture_nonroi": "background texture ratio (1 = original)",
+           "bbox_AP": "detection AP (COCO, bbox)", "segm_AP": "instance segmentation AP (segm)"}
 
 
 # -- Bjøntegaard ------------------------------------------------------------------------------
@@ -147,19 +155,20 @@ def curve_name(q: float, main: float) -> str:
 
 
 def _mean_point(rows: list[dict[str, Any]], setting: float) -> dict[str, Any]:
-    return {"setting": float(setting), **{k: nanmean(r[k] for r in rows) for k in METRICS},
+    return {"setting": float(setting), **{k: nanmean(r[k] for r in rows) for k in metric_keys(rows)},
             "n_images": len(rows)}
 
 
 def rd_sweep(checkpoint: str | Path | ROICodec, images_dir: str | Path, masks_dir: str | Path | None = None,
              roi_quality: float = DEFAULT_ROI_QUALITY, rates: Sequence[float] = DEFAULT_RATES,
              roi_qualities: Sequence[float] | None = None, baselines: Iterable[str] = bl.BASELINES,
-             baseline_settings: dict[str, Sequence[float]] | None = None, progress: bool = True
-             ) -> dict[str, Any]:
+             baseline_settings: dict[str, Sequence[float]] | None = None, progress: bool = True,
+             lpips: LPIPSDistance | None = None) -> dict[str, Any]:
     """RD curves of the learned codec and the baselines on ``images_dir``, with BD numbers.
 
     ``roi_qualities`` defaults to (``roi_quality``, 1.0); ``roi_quality`` is always swept.
     ``baseline_settings`` overrides a baseline's settings, e.g. ``{"jpeg": [5, 50, 90]}``.
+    ``lpips``: an LPIPS model (:func:`pipeline.eval.perceptual.load_lpips`) adds the LPIPS metrics.
     """
     rates = sorted({float(r) for r in rates})
     if not rates:
@@ -198,7 +207,7 @@ def rd_sweep(checkpoint: str | Path | ROICodec, images_dir: str | Path, masks_di
         for r in rates:
             rows = []
             for _, _, x, mask, _ in data:
-                rows.append(learned_point(model, x, mask, q, r))
+                rows.append(learned_point(model, x, mask, q, r, lpips=lpips))
                 bar.update()
             points.append(_mean_point(rows, r))
         curves[curve_name(q, roi_quality)] = {"kind": "learned", "roi_quality": float(q), "points": points}
@@ -208,7 +217,7 @@ def rd_sweep(checkpoint: str | Path | ROICodec, images_dir: str | Path, masks_di
             rows = []
             for _, image, x, mask, _ in data:
                 res = bl.encode_at_setting(name, image, s)
-                rows.append({"bpp": res.bpp, **quality(x, res.x_hat, mask)})
+                rows.append({"bpp": res.bpp, **quality(x, res.x_hat, mask, lpips)})
                 bar.update()
             points.append(_mean_point(rows, s))
         points.sort(key=lambda p: p["bpp"])
@@ -250,7 +259,7 @@ def plot_rd(result: dict[str, Any], metric: str, path: str | Path, bd_key: str |
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     for name, c in result["curves"].items():
-        pts = [p for p in c["points"] if math.isfinite(p["bpp"]) and math.isfinite(p[metric])]
+        pts = [p for p in c["points"] if math.isfinite(p["bpp"]) and math.isfinite(p.get(metric) or math.nan)]
         if not pts:
             continue
         learned = c["kind"] == "learned"
@@ -287,13 +296,14 @@ def write_rd_outputs(result: dict[str, Any], out_dir: str | Path, json_path: str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points_csv = out / "rd_points.csv"
+    keys = metric_keys(p for c in result["curves"].values() for p in c["points"])
     with points_csv.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["curve", "kind", "roi_quality", "setting", *METRICS, "n_images"])
+        w.writerow(["curve", "kind", "roi_quality", "setting", *keys, "n_images"])
         for name, c in result["curves"].items():
             for p in c["points"]:
                 w.writerow([name, c["kind"], "" if c["roi_quality"] is None else c["roi_quality"], p["setting"],
-                            *(_fmt(p[k]) for k in METRICS), p["n_images"]])
+                            *(_fmt(p.get(k)) for k in keys), p["n_images"]])
     bd_csv = out / "bd.csv"
     with bd_csv.open("w", newline="") as f:
         w = csv.writer(f)
@@ -303,8 +313,8 @@ def write_rd_outputs(result: dict[str, Any], out_dir: str | Path, json_path: str
                 for short in DISTORTIONS:
                     w.writerow([cname, anchor, short, _fmt(vals[f"bd_rate_{short}"]),
                                 _fmt(vals[f"bd_psnr_{short}"])])
-    metrics = [m for m in PLOT_METRICS if m != "nonroi_psnr" or result.get("masks_dir")]
-    plots = [str(plot_rd(result, m, out / f"rd_{m}.png")) for m in metrics]
+    metrics = [m for m in PLOT_METRICS if m not in NONROI_METRICS or result.get("masks_dir")]
+    plots = [str(plot_rd(result, m, out / f"rd_{m}.png", reference=REFERENCES.get(m))) for m in metrics]
     files = {"json": None, "points_csv": str(points_csv), "bd_csv": str(bd_csv), "plots": plots}
     jp = Path(json_path) if json_path is not None else out / "rd.json"
     files["json"] = str(jp)
@@ -373,7 +383,7 @@ def evaluation_metrics(result: dict[str, Any]) -> dict[str, float]:
         mean = result["mean"]
         for c in result.get("codecs", [LEARNED]):
             m = mean if c == LEARNED else mean.get(c, {})
-            out.update({f"eval/{c}/{k}": m.get(k, float("nan")) for k in METRICS})
+            out.update({f"eval/{c}/{k}": m.get(k, float("nan")) for k in metric_keys([m])})
     return {k.replace("@", "_at_"): float(v) for k, v in out.items()
             if isinstance(v, (int, float)) and math.isfinite(v)}
 
