@@ -138,20 +138,12 @@ def jpeg_at_matched_bpp(checkpoint: Path, images: Sequence[Path], masks_dir: Pat
 def side_by_side_pictures(checkpoint: Path, images: Sequence[Path], masks_dir: Path, roi_quality: float,
                           rate: float, out_dir: Path) -> list[Path]:
     """One side-by-side PNG per image (:mod:`pipeline.eval.pictures`) from a real file at ``rate``."""
-    from pipeline.codec.coding import bits_per_pixel, decode, encode
-    from pipeline.eval.evaluate import load_model, load_pair, quantize8
-    from pipeline.eval.pictures import write_side_by_side
+    from pipeline.eval.evaluate import load_model
+    from pipeline.eval.pictures import comparison_pictures
 
     model, _ = load_model(checkpoint)
-    written = []
-    for path in images:
-        image, x, mask, _ = load_pair(path, masks_dir)
-        data = encode(model, x, mask, roi_quality, rate)
-        ours = quantize8(decode(model, data))
-        title = f"ours: {model.variant}, rate {rate:g}, roi-quality {roi_quality:g}"
-        written.append(write_side_by_side(path, ours, bits_per_pixel(data, x.shape[-1], x.shape[-2]), mask, title,
-                                          out_dir))
-    return written
+    title = f"ours: {model.variant}, rate {rate:g}, roi-quality {roi_quality:g}"
+    return comparison_pictures([(title, model)], images, masks_dir, roi_quality, rate, out_dir)
 
 
 DEMO_STEPS = 4400

@@ -39,7 +39,6 @@ from pipeline.eval.pictures import (
     GAP,
     _stats,
     comparison,
-    side_by_side,
     write_comparison,
 )
 
@@ -303,8 +302,6 @@ def test_comparison_has_four_panels_and_the_numbers_of_its_captions(tmp_path):
                             tmp_path / "pictures")
     with Image.open(path) as saved:
         assert saved.format == "PNG" and saved.width == 4 * 64 + 3 * GAP
-    three, old = side_by_side(image, mse, 1.0, roi, "ours")  # the one-panel form keeps its shape
-    assert three.width == 3 * 64 + 2 * GAP and set(old) == {"ours", "jpeg"} and old["ours"]["bpp"] == 1.0
 
 
 def test_evaluate_with_vgg_weights_reports_lpips_for_every_codec(lpips_model, tmp_path):
@@ -336,3 +333,36 @@ def test_evaluate_with_vgg_weights_reports_lpips_for_every_codec(lpips_model, tm
     res = json.loads(out.read_text())
     assert "lpips" not in res["images"][0] and "lpips" not in res["mean"]["jpeg"]
     assert isinstance(res["images"][0]["texture_nonroi"], float)
+
+
+def test_evaluate_pictures_show_two_checkpoints_and_jpeg_at_one_file_size(tmp_path):
+    """``roicodec evaluate --pictures DIR --pictures-against MSE``: one picture per image the
+    evaluation read (an unreadable one is an error row and has none), four panels wide."""
+    ckpts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = build_model("tlic", **TINY).eval()
+        model.update(force=True)
+        ckpts.append(save_checkpoint(model, tmp_path / f"run{seed}" / "checkpoint_000001" / "model.pt"))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    x, m = image_and_mask(48, 64, seed=7)
+    Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp_path / "images/a.png")
+    Image.fromarray((m[0, 0].numpy() * 255).astype(np.uint8)).save(tmp_path / "masks/a.png")
+    (tmp_path / "images/broken.png").write_bytes(b"not a png")
+    p = argparse.ArgumentParser()
+    add_evaluate_arguments(p)
+    base = ["--checkpoint", str(ckpts[1].parent), "--images", str(tmp_path / "images"), "--masks",
+            str(tmp_path / "masks"), "--json", str(tmp_path / "eval.json"), "--baselines", "jpeg", "--no-progress",
+            "--no-mlflow"]
+    pictures = tmp_path / "pictures"
+    assert run_evaluate_command(p.parse_args([*base, "--pictures", str(pictures),
+                                              "--pictures-against", str(ckpts[0])])) == 0
+    assert [f.name for f in pictures.iterdir()] == ["a.png"]
+    with Image.open(pictures / "a.png") as im:
+        assert im.size == (4 * 64 + 3 * GAP, 48 + CAPTION_HEIGHT)
+    assert json.loads((tmp_path / "eval.json").read_text())["errors"][0]["image"] == "broken.png"
+    with pytest.raises(EvaluationError, match="needs --pictures"):
+        run_evaluate_command(p.parse_args([*base, "--pictures-against", str(ckpts[0])]))
+    with pytest.raises(EvaluationError, match="single operating point"):
+        run_evaluate_command(p.parse_args([*base[:-4], "--sweep", "--pictures", str(pictures)]))

@@ -106,6 +106,13 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser, default_model: bool 
     parser.add_argument("--vgg-weights", metavar="FILE", default=None,
                         help="torchvision's VGG-16 weights (vgg16-397923af.pth; never downloaded): adds LPIPS, "
                              "whole and inside/outside the ROI (default: no LPIPS)")
+    parser.add_argument("--pictures", metavar="DIR", default=None,
+                        help="with a single operating point: one picture per image in DIR, original | this "
+                             "checkpoint at --rate | JPEG at the same file size, captioned with bpp, PSNR and "
+                             "background texture")
+    parser.add_argument("--pictures-against", metavar="CKPT", default=None,
+                        help="with --pictures: another checkpoint shown first at --rate, this one at the same "
+                             "file size (e.g. the MSE model a perceptual stage started from)")
     add_task_arguments(parser)
     parser.add_argument("--mlflow-uri", default=None, metavar="URI",
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
@@ -203,6 +210,17 @@ def lpips_from_args(args: argparse.Namespace) -> LPIPSDistance | None:
     return load_lpips(args.vgg_weights)
 
 
+def write_pictures(args: argparse.Namespace, result: dict, lpips: LPIPSDistance | None) -> Path:
+    """``--pictures``: one comparison picture per image the evaluation read; returns the folder."""
+    from pipeline.eval.pictures import checkpoint_label, comparison_pictures
+
+    shown = [args.checkpoint] if args.pictures_against is None else [args.pictures_against, args.checkpoint]
+    images = [Path(args.images) / row["image"] for row in result["images"]]
+    comparison_pictures([(checkpoint_label(c), c) for c in shown], images, args.masks,
+                        args.roi_quality, args.rate, args.pictures, lpips)
+    return Path(args.pictures)
+
+
 def sweep_rates(k: int) -> list[float]:
     """K rates evenly spaced on [0, 1]."""
     return [round(i / (k - 1), 6) for i in range(k)]
@@ -219,6 +237,10 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
         args.checkpoint = str(default_checkpoint())
     if args.plots is not None and not (args.sweep or args.task_annotations):
         raise EvaluationError("--plots needs --sweep or --task-annotations (plots are RD curves)")
+    if args.pictures_against is not None and args.pictures is None:
+        raise EvaluationError("--pictures-against needs --pictures DIR")
+    if args.pictures is not None and (args.sweep or args.task_annotations):
+        raise EvaluationError("--pictures shows a single operating point (--rate), not --sweep or --task-annotations")
     progress = not args.no_progress
     out_json = Path(args.json)
     lpips = lpips_from_args(args)
@@ -256,6 +278,8 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
         for line in summary_lines(result):
             print(line)
         print(out_json)
+        if args.pictures is not None:
+            print(f"pictures: {write_pictures(args, result, lpips)}")
     info = result.get("mlflow")
     if info and info.get("run_id"):
         state = "logged to" if info["logged"] else f"NOT logged ({info.get('error')}) to"

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 if TYPE_CHECKING:
+    from pipeline.codec.models import ROICodec
     from pipeline.eval.perceptual import LPIPSDistance
 
 CAPTION_HEIGHT = 50  # three 15 px lines of Pillow's default font
@@ -92,17 +93,40 @@ def write_comparison(image_path: Path, mask: torch.Tensor, panels: Sequence[tupl
     return path
 
 
-def side_by_side(image: Image.Image, ours: torch.Tensor, ours_bpp: float, mask: torch.Tensor, title: str
-                 ) -> tuple[Image.Image, dict[str, dict[str, float]]]:
-    """:func:`comparison` with one decoded panel: original (ROI outlined) | ``ours`` | JPEG at the
-    file size nearest ``ours_bpp``. Returns the picture and {"ours": ..., "jpeg": ...}, the
-    numbers in its captions."""
-    picture, numbers = comparison(image, mask, [(title, ours, ours_bpp)])
-    ours_numbers, jpeg_numbers = ({k: v for k, v in n.items() if k != "title"} for n in numbers)
-    return picture, {"ours": ours_numbers, "jpeg": jpeg_numbers}
+def checkpoint_label(checkpoint: str | Path) -> str:
+    """A short caption for a checkpoint: ``<run>/<checkpoint folder>`` for a Ray Train
+    checkpoint's ``model.pt``, else the file's stem."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "model.pt"
+    return f"{path.parent.parent.name}/{path.parent.name}" if path.name == "model.pt" else path.stem
 
 
-def write_side_by_side(image_path: Path, ours: torch.Tensor, ours_bpp: float, mask: torch.Tensor, title: str,
-                       out_dir: Path) -> Path:
-    """:func:`side_by_side` of one image saved as ``out_dir/<stem>.png``."""
-    return write_comparison(image_path, mask, [(title, ours, ours_bpp)], out_dir)
+def comparison_pictures(checkpoints: Sequence[tuple[str, str | Path | ROICodec]], images: Sequence[Path],
+                        masks_dir: str | Path | None, roi_quality: float, rate: float, out_dir: str | Path,
+                        lpips: LPIPSDistance | None = None) -> list[Path]:
+    """One :func:`comparison` PNG per image from real ``.roic`` files: the first of ``checkpoints``
+    ((title, checkpoint), e.g. the MSE model) at ``rate``, each other one (e.g. the perceptual
+    model) at the rate whose file is nearest the first's size, then JPEG at that size."""
+    from pipeline.codec.coding import bits_per_pixel, decode, encode
+    from pipeline.eval.evaluate import learned_at_bpp, load_model, load_pair, quantize8
+
+    if not checkpoints:
+        raise ValueError("comparison_pictures needs at least one checkpoint")
+    models = [(title, load_model(ckpt)[0]) for title, ckpt in checkpoints]
+    written = []
+    for path in images:
+        _, x, mask, _ = load_pair(Path(path), masks_dir)
+        h, w = x.shape[-2:]
+        panels = []
+        with torch.no_grad():
+            for i, (title, model) in enumerate(models):
+                if i == 0:
+                    data = encode(model, x, mask, roi_quality, rate)
+                    target = bits_per_pixel(data, w, h)
+                else:
+                    data, _ = learned_at_bpp(model, x, target, roi_quality, mask)
+                panels.append((title, quantize8(decode(model, data)), bits_per_pixel(data, w, h)))
+        shown = torch.ones_like(x[:, :1]) if mask is None else mask
+        written.append(write_comparison(Path(path), shown, panels, out_dir, lpips))
+    return written
