@@ -105,6 +105,19 @@ def seeded():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread_empty_hub(tmp_path_factory):
+    """One thread (tiny images on a busy machine) and an empty torch hub, so no cached VGG weights;
+    yields the hub folder."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        hub = tmp_path_factory.mktemp("hub")
+        mp.setattr(torch.hub, "get_dir", lambda: str(hub))
+        yield hub
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def clip_config(tmp_path_factory) -> Path:
     """:data:`TINY_CLIP` written as an open_clip model config file."""

@@ -43,16 +43,7 @@ from pipeline.eval.pictures import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_empty_hub(tmp_path_factory):
-    """One thread (tiny images on a busy machine) and an empty torch hub: no cached VGG weights."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        hub = tmp_path_factory.mktemp("hub")
-        mp.setattr(torch.hub, "get_dir", lambda: str(hub))
-        yield hub
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_empty_hub")
 
 
 def photo(size: int = 96) -> torch.Tensor:
