@@ -67,7 +67,9 @@ def run_champion(args: argparse.Namespace) -> int:
         raise EvaluationError("--select-champion needs --checkpoints DIR or --experiment NAME")
     out_json = Path(args.json)
     lpips = lpips_from_args(args)  # loaded once for every candidate
-    extra = {} if lpips is None else {"lpips": lpips}  # rd_sweep's keywords
+    extra = ({} if lpips is None else {"lpips": lpips}) | ({"graded": True} if args.soft else {})  # rd_sweep's
+    if args.soft and args.task_annotations is not None:
+        raise EvaluationError("--soft (graded quality maps) ranks by --sweep points, not --task-annotations")
     if args.task_annotations is not None:  # rank by task metrics, e.g. --criterion bd_rate_map_vs_jpeg
         from functools import partial
 

@@ -17,7 +17,9 @@ from pipeline.codec.models import ENTROPY_FAMILIES, ENTROPY_MODELS, family_optio
 from pipeline.errors import run_cli
 from pipeline.eval.cli import (EVALUATE_DESCRIPTION, EVALUATE_EPILOG, EVALUATE_HELP, add_evaluate_arguments,
                                run_evaluate_command)
-from pipeline.masks.cli import add_mask_source_arguments, mask_from_args, run_mask_command
+from pipeline.masks.cli import add_mask_source_arguments, has_mask_source, mask_from_args, run_mask_command
+
+DEFAULT_Q = 0.3
 
 DESCRIPTION = """\
 Region-of-interest learned image compression.
@@ -31,6 +33,12 @@ knobs:
   --roi-quality Q   value given to every non-ROI pixel of the mask, in [0,1].
                     1 = uniform quality (the mask is ignored); 0.1 = background
                     barely kept, bits move into the ROI.
+  --soft            keep a mask's grades: each pixel's quality is m + (1 - m) Q
+                    and each 16x16 latent cell a step from its mean quality
+                    (1, 2, 4, 8 or 16), instead of "ROI or background".
+  --quality-map P   a grayscale PNG of per-pixel quality (white = best, black =
+                    the coarsest step): --soft with the map as the mask and Q = 0
+                    (--roi-quality raises its floor).
   --rate R          position on the model's continuous rate scale, in [0,1]
                     (gain units): 0 = smallest file, 1 = best quality.
   --target-bpp B    instead of --rate: search the rate for a file of at most B
@@ -46,21 +54,23 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     image = open_image(args.image)
     x = image_to_tensor(image)
     size = tuple(x.shape[-2:])
-    if args.mask is not None:
-        mask_array = open_image(args.mask)
-    else:
-        mask_array = mask_from_args(args, image, Path(args.image))
+    if args.quality_map is not None and (args.mask is not None or has_mask_source(args)):
+        raise ValueError("--quality-map gives every pixel's quality: no --mask, --prompt, --saliency or --coco with it")
+    mask_file = args.quality_map if args.quality_map is not None else args.mask
+    mask_array = open_image(mask_file) if mask_file is not None else mask_from_args(args, image, Path(args.image))
     mask = None if mask_array is None else mask_to_tensor(mask_array, size)
+    graded = args.soft or args.quality_map is not None
+    roi_quality = args.roi_quality if args.roi_quality is not None else (0.0 if args.quality_map else DEFAULT_Q)
     model = load_checkpoint(checkpoint_path(args.checkpoint))
     if args.target_bpp is not None:
-        data, rate = encode_at_target_bpp(model, x, mask, args.roi_quality, args.target_bpp)
+        data, rate = encode_at_target_bpp(model, x, mask, roi_quality, args.target_bpp, graded=graded)
     else:
         rate = args.rate
-        data = encode(model, x, mask, args.roi_quality, rate)
+        data = encode(model, x, mask, roi_quality, rate, graded)
     Path(args.output).write_bytes(data)
     bpp = bits_per_pixel(data, size[1], size[0])
-    print(f"{args.output}: {len(data)} bytes, {bpp:.4f} bpp "
-          f"(variant {model.variant}, rate {rate:.3f}, roi-quality {args.roi_quality:.2f})")
+    print(f"{args.output}: {len(data)} bytes, {bpp:.4f} bpp (variant {model.variant}, rate {rate:.3f}, "
+          f"roi-quality {roi_quality:.2f}{', graded' if graded and mask is not None else ''})")
     return 0
 
 
@@ -137,10 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model checkpoint (.pt); default: the pretrained model installed with roicodec")
     p.add_argument("-o", "--output", required=True, help="output .roic file")
     p.add_argument("--mask", help="ROI mask PNG (white = ROI, resized to the image)")
+    p.add_argument("--quality-map", metavar="PNG",
+                   help="grayscale PNG of per-pixel quality in [0,1] (white = best; resized to the image): "
+                        "a graded map, each latent cell's step from its mean quality")
+    p.add_argument("--soft", action="store_true",
+                   help="keep the mask's grades (saliency, prompts, a gray mask): quality m + (1 - m) Q per pixel, "
+                        "a step per latent cell, instead of ROI or background")
     add_mask_source_arguments(p)
-    p.add_argument("--roi-quality", type=unit_interval, default=0.3, metavar="Q",
+    p.add_argument("--roi-quality", type=unit_interval, default=None, metavar="Q",
                    help="value of non-ROI pixels in [0,1]: the encoder's condition, and the background's "
-                        "latents are quantised with a step of 1/Q (at most 16); 1 = uniform quality (default 0.3)")
+                        f"latents are quantised with a step of 1/Q (at most 16); 1 = uniform quality (default "
+                        f"{DEFAULT_Q}; 0 with --quality-map)")
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--rate", type=unit_interval, default=0.5, metavar="R",
                       help="continuous rate in [0,1]; 1 = best quality (default 0.5)")

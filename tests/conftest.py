@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.codec.models import MODELS, ROICodec, build_model, pad_to_multiple
-from pipeline.codec.steps import roi_cells, step_map
+from pipeline.codec.steps import quantisation_steps
 from pipeline.data.samples import objects_mask, photo_like_image
 from pipeline.train.local import train_local
 
@@ -82,16 +82,17 @@ def command_line_round_trip(checkpoint: Path, folder: Path) -> Path:
 
 
 def encoder_side(model: ROICodec, x: torch.Tensor, m: torch.Tensor | None, q: float, rate: float,
-                 steps: bool = True) -> dict:
+                 steps: bool = True, graded: bool = False) -> dict:
     """What the encoder quantised: its ``y_hat``, coded state (``indexes``, ``symbols``), ``z_hat``
-    and the (padded) image ``x_hat`` they synthesise (``steps=False``: step 1 everywhere)."""
+    and the (padded) image ``x_hat`` they synthesise (``steps=False``: step 1 everywhere;
+    ``graded``: the steps of the quality map ``m + (1 - m) q``)."""
     with torch.no_grad():
         m = None if m is None else pad_to_multiple(m, 64)
         y = model.encode_latent(pad_to_multiple(x, 64), m, q, rate)
         latent = model.latent_codec
         z = latent.h_a(y)
         z_hat = latent.entropy_bottleneck.decompress(latent.entropy_bottleneck.compress(z), z.shape[-2:])
-        quant = None if m is None or not steps else step_map(roi_cells(m, y.shape[-2:]), q)
+        quant = quantisation_steps(m, q, y.shape[-2:], graded) if steps else None
         state = latent.code_y(latent.side_int(z_hat), z_hat.dtype, quant, y=y)
         state["x_hat"] = model.decode_latent(state["y_hat"], z_hat, rate).clamp(0, 1)
         state["z_hat"] = z_hat

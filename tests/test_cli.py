@@ -140,3 +140,47 @@ def test_convert_an_old_checkpoint_and_decode_with_limits(files, capsys, untrain
                                root / "small.png", "--float64")
     assert proc.returncode == 0, proc.stderr
     assert Image.open(root / "small.png").size == (67, 45)
+
+
+def test_quality_maps_and_soft_masks_from_the_command_line(tmp_path, capsys, trained):
+    """``--quality-map``: the painted half (white) decodes better than the rest, whose cells take the
+    coarsest step; ``--soft`` keeps a gray mask's grades (more than two steps in the level map), which
+    the same mask without it does not; a quality map with a mask source is a one-line error."""
+    from pipeline.codec.bitstream import unpack
+    from pipeline.codec.level_map import unpack_levels
+    from pipeline.eval.metrics import masked_psnr
+
+    ckpt = save_checkpoint(trained("sft"), tmp_path / "sft.pt")
+    x, _ = image_and_mask(128, 192, seed=8)
+    image = tmp_path / "photo.png"
+    Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(image)
+    quality = np.zeros((128, 192), dtype=np.uint8)
+    quality[:, :96] = 255
+    Image.fromarray(quality).save(tmp_path / "quality.png")
+
+    def compress(*args: str) -> tuple[subprocess.CompletedProcess, Path]:
+        out = tmp_path / f"{len(list(tmp_path.glob('*.roic')))}.roic"
+        return roicodec_in_process(capsys, "compress", image, "--checkpoint", ckpt, "--rate", "0.8", "-o", out,
+                                   *args), out
+
+    proc, roic = compress("--quality-map", tmp_path / "quality.png")
+    assert proc.returncode == 0 and "graded" in proc.stdout, proc.stderr
+    header, groups = unpack(roic.read_bytes())
+    steps = unpack_levels(groups[2][0], (8, 12))[0, 0]
+    assert header.version == 4 and header.roi_quality == 0.0
+    assert (steps[:, :6] == 4).all() and (steps[:, 6:] == 64).all()
+    decoded = decode(load_checkpoint(ckpt), roic.read_bytes())
+    left = torch.zeros(1, 1, 128, 192)
+    left[..., :96] = 1
+    assert masked_psnr(x, decoded, left) > masked_psnr(x, decoded, 1 - left) + 2.0
+
+    gray = torch.linspace(0, 1, 192).expand(128, 192)  # a ramp: binary, half the cells are ROI
+    Image.fromarray((gray.numpy() * 255).round().astype(np.uint8)).save(tmp_path / "gray.png")
+    counts = {}
+    for soft in (True, False):
+        proc, roic = compress("--mask", tmp_path / "gray.png", "--roi-quality", "0.1", *(["--soft"] if soft else []))
+        assert proc.returncode == 0, proc.stderr
+        counts[soft] = len(unpack_levels(unpack(roic.read_bytes())[1][2][0], (8, 12)).unique())
+    assert counts[True] > 2 and counts[False] == 2, counts
+    assert_one_line_error(compress("--quality-map", tmp_path / "quality.png", "--mask", tmp_path / "gray.png")[0],
+                          "--quality-map gives every pixel's quality")

@@ -96,7 +96,8 @@ def test_new_combinations_round_trip_and_save(transforms, family, structure, tmp
 @pytest.mark.parametrize("name", sorted(json.loads((LEGACY / "index.json").read_text())))
 def test_legacy_checkpoints_keep_fingerprint_files_and_encoder(name, tmp_path):
     """A checkpoint of the old layout loads (keys renamed) with the fingerprint it had, its files
-    decode to the same 8-bit images and the same image encodes to the same bytes; written again
+    (version 3) decode to the same 8-bit images and the same image encodes to the same header,
+    strings and steps (a version 4 file: its level map codes the old cell map's steps); written again
     (today's compact format) it keeps all that in a smaller file; the harness sees one changed
     weight (another fingerprint, another image; shown on tlic's)."""
     from fixtures.make_legacy import POINTS, image_and_mask as fixture_image
@@ -110,7 +111,14 @@ def test_legacy_checkpoints_keep_fingerprint_files_and_encoder(name, tmp_path):
         for point, (q, rate, masked) in POINTS.items():
             data = (LEGACY / entry["files"][point]["file"]).read_bytes()
             assert image_hash(decode(loaded, data, float64=True)) == entry["files"][point]["decoded_sha256"]
-            assert encode(loaded, x, m if masked else None, q, rate) == data, point
+            (new_header, new), (old_header, old) = unpack(encode(loaded, x, m if masked else None, q, rate)), \
+                unpack(data)
+            assert (new_header.version, old_header.version) == (4, 3)
+            assert {**new_header.__dict__, "version": 3} == old_header.__dict__ and new[:2] == old[:2], point
+            shape = hyper_latent_shape(loaded, old_header)
+            new_steps, old_steps = loaded.coded_steps(new, shape), loaded.coded_steps(old, shape, q, cell_maps=True)
+            assert (new_steps is None and old_steps is None) or torch.equal(new_steps.quarters, old_steps.quarters)
+            assert masked == (old_steps is not None), point
     if name != "tlic":
         return
     changed = copy.deepcopy(model)

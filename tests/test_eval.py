@@ -22,7 +22,7 @@ from pipeline.eval import baselines as bl
 from pipeline.eval.cli import add_evaluate_arguments, run_evaluate_command
 from pipeline.eval import rd
 from pipeline.eval.evaluate import METRICS, EvaluationError, evaluate_checkpoint, quality
-from pipeline.eval.metrics import PSNR_CAP, psnr, roi_psnr
+from pipeline.eval.metrics import PSNR_CAP, psnr, quality_weighted_psnr, roi_psnr
 from pipeline.eval.rd import bd_psnr, bd_rate, rd_sweep, select_champion
 
 CODEC_KEYS = ("learned_uniform", "jpeg", "webp", "jpeg2000")
@@ -110,6 +110,26 @@ def test_roi_psnr_only_looks_inside_the_mask():
     assert roi1 == roi0
     assert non1 < 15
     assert math.isnan(roi_psnr(x, y, torch.zeros_like(mask))[0])  # empty ROI: nan
+
+
+def test_quality_weighted_psnr_weighs_each_pixel_by_its_quality():
+    """Weights ``m + (1 - m) Q``: errors only where the quality is 0 cost nothing; Q = 1 (or no
+    mask) is plain PSNR; an error under weight w among weight-1 pixels counts w times."""
+    torch.manual_seed(2)
+    x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
+    m = torch.zeros(1, 1, 16, 16)
+    m[..., :8] = 1.0
+    m[..., 8:12] = 0.5
+    y = x.clone()
+    y[..., 12:] += 0.1  # where m = 0
+    assert quality_weighted_psnr(x, y, m, 0.0) == PSNR_CAP
+    assert quality_weighted_psnr(x, y, m, 1.0) == pytest.approx(psnr(x, y)) == quality_weighted_psnr(x, y, None)
+    z = x.clone()
+    z[..., 8:12] += 0.1  # where m = 0.5: a quarter of the pixels, weight 0.5 + 0.5 Q
+    for q in (0.0, 0.2):
+        w = 0.5 + 0.5 * q
+        expected = -10 * math.log10(w * 0.25 * 0.01 / (0.5 + 0.25 * w + 0.25 * q))
+        assert quality_weighted_psnr(x, z, m, q) == pytest.approx(expected, abs=1e-9)
 
 
 # -- baselines at matched bpp -----------------------------------------------------------------
@@ -210,6 +230,25 @@ def test_evaluate_command_writes_per_image_and_mean_entries(untrained_ckpt, tmp_
     assert "roicodec" in capsys.readouterr().out
 
 
+def test_evaluate_soft_codes_graded_maps_and_weighs_psnr_by_quality(untrained, untrained_ckpt, tmp_path):
+    """``graded`` (``--soft``) codes other files from the same masks, and every codec's weighted PSNR
+    lies between its ROI and non-ROI PSNR (weights 1 inside, Q outside); --soft with --pictures is
+    a one-line error."""
+    images, masks = write_set(tmp_path / "data", 2, (64, 96))
+    runs = {g: evaluate_checkpoint(untrained["tlic"], images, masks, roi_quality=0.2, rate=0.6, baselines=("jpeg",),
+                                   uniform=False, progress=False, graded=g) for g in (False, True)}
+    assert runs[True]["graded"] and not runs[False]["graded"]
+    assert [e["bytes"] for e in runs[True]["images"]] != [e["bytes"] for e in runs[False]["images"]]
+    for entry in runs[True]["images"]:
+        for point in (entry, entry["jpeg"]):
+            low, high = sorted((point["roi_psnr"], point["nonroi_psnr"]))
+            assert low - 1e-9 <= point["weighted_psnr"] <= high + 1e-9
+    with pytest.raises(EvaluationError, match="--soft"):
+        run_evaluate_command(parse(["--checkpoint", str(untrained_ckpt), "--images", str(images), "--masks",
+                                    str(masks), "--json", str(tmp_path / "o.json"), "--soft", "--pictures",
+                                    str(tmp_path / "p")]))
+
+
 def test_evaluate_without_masks_makes_the_whole_image_roi(untrained, tmp_path):
     images, _ = write_set(tmp_path, 1, (64, 64))
     res = evaluate_checkpoint(untrained["tlic"], images, None, baselines=("jpeg",), progress=False)
@@ -260,10 +299,11 @@ def test_roicodec_evaluate_via_the_main_cli(untrained_ckpt, tmp_path):
 # in test_rd_sweep_with_the_real_codec below.
 
 def fake_learned(monkeypatch, factors: dict[bytes, float]) -> None:
-    def learned_point(model, x, mask, roi_quality, rate, eval_mask=None, lpips=None):
+    def learned_point(model, x, mask, roi_quality, rate, eval_mask=None, lpips=None, graded=False,
+                      weight_quality=None):
         res = bl.encode_at_setting("jpeg", tensor_to_image(x), 5 + 90 * rate)
         scale = factors[fingerprint(model)] * (0.9 if roi_quality < 1 else 1.0)
-        return {"bpp": res.bpp * scale, **quality(x, res.x_hat, mask, lpips), "setting": rate}
+        return {"bpp": res.bpp * scale, **quality(x, res.x_hat, mask, lpips, weight_quality), "setting": rate}
     monkeypatch.setattr(rd, "learned_point", learned_point)
 
 
@@ -286,20 +326,20 @@ def test_sweep_writes_plots_tables_and_finite_bd(untrained_ckpt, tmp_path, monke
     res = json.loads(out.read_text())
     assert set(res["curves"]) == {"roicodec", "learned_uniform", "jpeg", "webp", "jpeg2000"}
     assert [p["setting"] for p in res["curves"]["roicodec"]["points"]] == pytest.approx([0, 1 / 3, 2 / 3, 1])
-    assert set(res["bd"]) == {f"bd_{k}_{m}_vs_{a}" for k in ("rate", "psnr") for m in ("roi", "psnr")
+    assert set(res["bd"]) == {f"bd_{k}_{m}_vs_{a}" for k in ("rate", "psnr") for m in ("roi", "psnr", "weighted")
                               for a in ("jpeg", "webp", "jpeg2000", "uniform")}
     for key, value in res["bd"].items():
         assert isinstance(value, float) and math.isfinite(value), key
     # JPEG with files 0.8 x 0.9 the size: about -28 % against JPEG, -10 % against its own uniform curve
     assert -40 < res["bd"]["bd_rate_psnr_vs_jpeg"] < -15 and res["bd"]["bd_psnr_psnr_vs_jpeg"] > 0
     assert res["bd"]["bd_rate_roi_vs_uniform"] == pytest.approx(-10, abs=0.5)
-    for name in ("rd_roi_psnr.png", "rd_psnr.png", "rd_nonroi_psnr.png", "rd_ms_ssim.png"):
+    for name in ("rd_roi_psnr.png", "rd_psnr.png", "rd_weighted_psnr.png", "rd_nonroi_psnr.png", "rd_ms_ssim.png"):
         with Image.open(plots / name) as im:
             assert im.format == "PNG" and im.width > 100
     rows = list(csv.DictReader((plots / "rd_points.csv").open()))
     assert len(rows) == 4 + 4 + sum(len(bl.get_baseline(n).sweep) for n in bl.BASELINES)
     bd_rows = list(csv.DictReader((plots / "bd.csv").open()))
-    assert len(bd_rows) == 2 * (4 + 4 - 1) and all(r["bd_rate_percent"] for r in bd_rows)
+    assert len(bd_rows) == 3 * (4 + 4 - 1) and all(r["bd_rate_percent"] for r in bd_rows)
     # logged to the checkpoint's MLflow run
     assert res["mlflow"]["logged"] and res["mlflow"]["run_id"] == run_id
     run = client.get_run(run_id)
@@ -356,8 +396,7 @@ def test_rd_sweep_with_the_real_codec(untrained, tmp_path):
     res = rd_sweep(untrained["tlic"], images, None, rates=(0.0, 1.0), baselines=("webp",),
                    baseline_settings={"webp": (10, 90)}, progress=False)
     assert set(res["curves"]) == {"roicodec", "webp"} and res["roi_qualities"] == [0.3]
-    assert set(res["bd"]) == {"bd_rate_roi_vs_webp", "bd_psnr_roi_vs_webp", "bd_rate_psnr_vs_webp",
-                              "bd_psnr_psnr_vs_webp"}
+    assert set(res["bd"]) == {f"bd_{k}_{m}_vs_webp" for k in ("rate", "psnr") for m in ("roi", "psnr", "weighted")}
 
 
 def test_sweep_bd_and_champion_on_a_trained_and_an_untrained_codec(trained, tmp_path):

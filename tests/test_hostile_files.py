@@ -15,7 +15,7 @@ from typing import Callable
 import pytest
 import torch
 
-from pipeline.codec.bitstream import BitstreamError, serialize, unpack
+from pipeline.codec.bitstream import FORMAT_VERSION, BitstreamError, serialize, unpack
 from pipeline.codec.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.codec.coding import decode, encode
 from pipeline.codec.models import build_model
@@ -27,7 +27,7 @@ CASE_SECONDS = 30.0
 
 
 def craft(variant: str, fp: bytes, width: int, height: int, rate: float, roi_quality: float,
-          groups: list[list[bytes]], version: int = 3) -> bytes:
+          groups: list[list[bytes]], version: int = FORMAT_VERSION) -> bytes:
     """A .roic file from raw fields, no validation, with a correct CRC."""
     return serialize(variant.encode("latin-1"), fp, width, height, rate, roi_quality, groups, version)
 
@@ -66,9 +66,10 @@ def mutations(data: bytes, seed: int) -> list[tuple[str, bytes]]:
     add("empty strings", groups=[[b""] for _ in groups])
     add("version 2 (two groups)", version=2)
     add("version 2, y and z only", version=2, groups=groups[:2])
-    strings = [g[0] for g in groups]  # y, z, the ROI cell map
-    names = ["y", "z", "cells"]
-    cells = strings[2]
+    add("version 3 (a level map read as a cell map)", version=3)
+    strings = [g[0] for g in groups]  # y, z, the level map
+    names = ["y", "z", "levels"]
+    levels = strings[2]
 
     def replaced(i: int, s: bytes) -> list[list[bytes]]:
         return [[s] if j == i else [t] for j, t in enumerate(strings)]
@@ -90,10 +91,19 @@ def mutations(data: bytes, seed: int) -> list[tuple[str, bytes]]:
         add(f"{names[i]} extended", groups=replaced(i, strings[i] + junk))
     add("all 0xff y", groups=replaced(0, b"\xff" * len(strings[0])))
     add("all 0xff z", groups=replaced(1, b"\xff" * len(strings[1])))
-    add("no cell map", groups=replaced(2, b""))
-    add("cell map of all ROI", groups=replaced(2, zlib.compress(b"\xff" * (len(zlib.decompress(cells)) if cells
-                                                                          else 64))))
-    add("cell map inflating to 256 MB", groups=replaced(2, zlib.compress(bytes(1 << 28), 9)))
+    add("no level map", groups=replaced(2, b""))
+    coded = levels[1 + levels[0]:] if levels else b"\0" * 8
+    for steps in ([4], [64], [4, 64], list(range(4, 20)), [5, 7, 9, 60]):  # other step lists, the same code
+        add(f"level map of steps {steps[:4]}", groups=replaced(2, bytes([len(steps), *steps]) + coded))
+    for steps in ([], [3], [65], [255], [8, 4], [4, 4], list(range(4, 21))):
+        add(f"level map of bad steps {steps[:4]}", groups=replaced(2, bytes([len(steps), *steps]) + coded))
+    for size in (0, 1, 3, 4096):
+        junk = bytes(rng.randrange(256) for _ in range(size))
+        add(f"level map of {size} random code bytes", groups=replaced(2, b"\x03\x04\x08\x40" + junk))
+    add("level map of 0xff code", groups=replaced(2, b"\x02\x04\x08" + b"\xff" * 64))
+    n_cells = 4 * (-(-header.height // 64)) * 4 * (-(-header.width // 64))
+    add("v3 cell map of all ROI", version=3, groups=replaced(2, zlib.compress(b"\xff" * ((n_cells + 7) // 8))))
+    add("v3 cell map inflating to 256 MB", version=3, groups=replaced(2, zlib.compress(bytes(1 << 28), 9)))
     add("swapped strings", groups=[[s] for s in reversed(strings)])
     return cases
 
@@ -137,7 +147,10 @@ def test_crafted_files_decode_or_raise_bitstream_error(tmp_path, trained):
     for variant, model in models:
         ckpt = save_checkpoint(model, tmp_path / f"{variant}.pt")
         x, m = image_and_mask(150, 200, seed=11)
-        (tmp_path / f"{variant}.roic").write_bytes(encode(model, x, m, 0.3, 0.9))
+        graded = variant == "tma-context"  # one file with a graded level map: the mask's blurred ramps
+        if graded:
+            m = torch.nn.functional.avg_pool2d(m, 33, stride=1, padding=16, count_include_pad=False)
+        (tmp_path / f"{variant}.roic").write_bytes(encode(model, x, m, 0.3, 0.9, graded=graded))
         checkpoints.append(str(ckpt))
         files.append(str(tmp_path / f"{variant}.roic"))
     out = tmp_path / "fuzz.json"

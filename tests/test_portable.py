@@ -75,6 +75,23 @@ def test_files_decode_to_the_same_symbols_under_every_perturbation(variant, entr
             assert np.array_equal(image64, reference64), (variant, name)
 
 
+@pytest.mark.parametrize("variant,entropy", [("tlic", "hyperprior"), ("ggm", "context")])
+def test_graded_files_decode_to_the_same_symbols_under_every_perturbation(variant, entropy):
+    """A graded map's file (its level map with several steps) decodes to the same table indexes
+    and symbols under every numeric perturbation, as a binary one does."""
+    model = briefly_trained(variant, entropy)
+    x, m = image_and_mask(150, 200, 902)
+    soft = torch.nn.functional.avg_pool2d(m, 33, stride=1, padding=16, count_include_pad=False)
+    data = encode(model, x, soft, 0.1, 0.8, graded=True)
+    assert len(unpack(data)[1][2][0]) > 4, "no level map of several steps"
+    indexes, symbols = coded_state(model, data)
+    for name in PERTURBATIONS:
+        context, other = perturbed(model, name)
+        with context:
+            other_indexes, other_symbols = coded_state(other, data)
+        assert torch.equal(other_indexes, indexes) and torch.equal(other_symbols, symbols), (variant, name)
+
+
 @pytest.mark.parametrize("variant", ["tma", "ggm"])
 def test_float_index_path_flips_under_the_same_perturbations(variant):
     """The harness can fail: the old float hyper-decoder picks other tables for some elements

@@ -14,13 +14,14 @@ Layout (little-endian)::
 
 The CRC makes truncation and flipped bytes anywhere a clean :class:`BitstreamError`
 before any entropy decoding runs; the fingerprint makes decoding with another
-checkpoint a clear error too. The decoder needs no mask: a version 3 file carries three
-string groups, y, z and the map of ROI cells that sets the latents' quantisation steps
-(:mod:`pipeline.codec.steps`; an empty string when every step is 1).
+checkpoint a clear error too. The decoder needs no mask: a version 4 file carries three
+string groups, y, z and the level map, each latent cell's quantisation step
+(:mod:`pipeline.codec.level_map`; an empty string when every step is 1).
 
 Files from version 2 on are portable: the coding tables are selected by integer-exact
 arithmetic (:mod:`pipeline.codec.integer`), so they decode to the same symbols on every
-machine. Version 2 files (two groups, y and z: quantisation step 1 everywhere) still
+machine. Version 3 files (a one-bit ROI cell map, the background's step from the header's
+Q) and version 2 files (two groups, y and z: quantisation step 1 everywhere) still
 decode; version 1 files (float table selection) are refused with a clear error. The CRC catches
 damage, not a crafted file: :func:`pipeline.codec.coding.decode` also limits the declared
 pixel count and turns any failure while decoding into a :class:`BitstreamError`.
@@ -33,8 +34,8 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"ROIC"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
 FINGERPRINT_BYTES = 8
 MAX_SIDE = 1 << 16
 # The decoder's default pixel limit, like Pillow's decompression-bomb guard: far above a

@@ -27,15 +27,18 @@ def _check_ready(model: ROICodec) -> None:
 
 
 def encode(model: ROICodec, x: torch.Tensor, mask: torch.Tensor | None = None,
-           roi_quality: float = 1.0, rate: float = 1.0) -> bytes:
-    """Compress one image (1,3,H,W in [0,1]) with an optional mask (1,1,H,W) to ``.roic`` bytes."""
+           roi_quality: float = 1.0, rate: float = 1.0, graded: bool = False) -> bytes:
+    """Compress one image (1,3,H,W in [0,1]) with an optional mask (1,1,H,W) to ``.roic`` bytes.
+
+    ``graded``: each latent cell's step follows the quality ``m + (1 - m) Q`` (a soft mask's
+    ramps, or a quality map given as the mask with Q = 0) instead of the binary ROI cells."""
     if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != 3:
         raise ValueError(f"expected one RGB image of shape (1,3,H,W), got {tuple(x.shape)}")
     roi_quality, rate = _check_knob("roi_quality", roi_quality), _check_knob("rate", rate)
     _check_ready(model)
     height, width = x.shape[-2:]
     device = next(model.parameters()).device
-    out = model.compress(x.to(device), None if mask is None else mask.to(device), roi_quality, rate)
+    out = model.compress(x.to(device), None if mask is None else mask.to(device), roi_quality, rate, graded)
     header = RoicHeader(model.variant, fingerprint(model), width, height, rate, roi_quality)
     return pack(header, out["strings"])
 
@@ -77,7 +80,8 @@ def decode(model: ROICodec, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     if float64:
         model = copy.deepcopy(model).double()
     try:
-        x_hat = model.decompress(groups, shape, header.rate, header.roi_quality)["x_hat"]
+        x_hat = model.decompress(groups, shape, header.rate, header.roi_quality,
+                                 cell_maps=header.version == 3)["x_hat"]
     except Exception as exc:  # the entropy decoder or the transforms choked on crafted data
         raise BitstreamError(f"corrupted .roic payload ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else 'no message'})") from exc
@@ -124,7 +128,7 @@ def bits_per_pixel(data: bytes, width: int, height: int) -> float:
 
 
 def encode_at_target_bpp(model: ROICodec, x: torch.Tensor, mask: torch.Tensor | None,
-                         roi_quality: float, target_bpp: float, iterations: int = 12
+                         roi_quality: float, target_bpp: float, iterations: int = 12, graded: bool = False
                          ) -> tuple[bytes, float]:
     """Bisect the continuous rate knob for the largest file not above ``target_bpp``.
 
@@ -138,17 +142,17 @@ def encode_at_target_bpp(model: ROICodec, x: torch.Tensor, mask: torch.Tensor | 
         raise ValueError(f"target bpp must be positive, got {target_bpp}")
     height, width = x.shape[-2:]
     lo, hi = 0.0, 1.0
-    best = encode(model, x, mask, roi_quality, lo), lo
+    best = encode(model, x, mask, roi_quality, lo, graded), lo
     smallest = bits_per_pixel(best[0], width, height)
     if smallest > target_bpp:
         raise ValueError(f"no rate meets {target_bpp:g} bpp: the smallest file this model makes of this image at "
                          f"roi-quality {roi_quality:g} is {smallest:.4f} bpp (rate 0)")
-    top = encode(model, x, mask, roi_quality, hi)
+    top = encode(model, x, mask, roi_quality, hi, graded)
     if bits_per_pixel(top, width, height) <= target_bpp:
         return top, hi
     for _ in range(iterations):
         mid = (lo + hi) / 2
-        data = encode(model, x, mask, roi_quality, mid)
+        data = encode(model, x, mask, roi_quality, mid, graded)
         if bits_per_pixel(data, width, height) <= target_bpp:
             best, lo = (data, mid), mid
         else:

@@ -39,7 +39,8 @@ from compressai.models import CompressionModel
 from pipeline.codec.entropy import FAMILIES, EntropyFamily, build_family
 from pipeline.codec.latent import STRUCTURES, LatentStructure, build_latent
 from pipeline.codec.layers import GainUnits, RateLike
-from pipeline.codec.steps import CELL, QuantSteps, pack_cells, roi_cells, step_map, unpack_cells
+from pipeline.codec.level_map import pack_levels, unpack_levels
+from pipeline.codec.steps import CELL, QuantSteps, quantisation_steps, step_map, unpack_cells
 from pipeline.codec.transforms import TRANSFORMS, Transforms, build_transforms
 from pipeline.masks.ops import assign_nonroi_value
 
@@ -193,57 +194,67 @@ class ROICodec(CompressionModel):
         return self.g_s(self.gain.inverse(y_hat, rate), z_hat)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                roi_quality: RateLike = 1.0, rate: RateLike = 1.0) -> dict[str, Any]:
+                roi_quality: RateLike = 1.0, rate: RateLike = 1.0, graded: bool = False) -> dict[str, Any]:
         """CompressAI-style forward: ``x_hat``, ``likelihoods`` and the latent ``y_hat`` as coded
-        (gains applied; noise in train mode, rounding around the predicted means in eval mode)."""
+        (gains applied; noise in train mode, rounding around the predicted means in eval mode).
+        ``graded``: the steps follow the quality ``m + (1 - m) Q`` (:func:`~pipeline.codec.steps.graded_steps`)
+        instead of the mask's ROI cells."""
         y = self.encode_latent(x, mask, roi_quality, rate).float()
-        steps = None if mask is None else step_map(roi_cells(mask, y.shape[-2:]), roi_quality)
+        steps = quantisation_steps(mask, roi_quality, y.shape[-2:], graded)
         y_hat, likelihoods, z_hat = self.latent_codec(y, steps)
         return {"x_hat": self.decode_latent(y_hat, z_hat, rate), "likelihoods": likelihoods, "y_hat": y_hat}
 
     @torch.no_grad()
     def compress(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                 roi_quality: RateLike = 1.0, rate: RateLike = 1.0) -> dict[str, Any]:
-        """Entropy-code x: ``{"strings": [y_strings, z_strings, cell_strings], "shape": z_hw}``.
+                 roi_quality: RateLike = 1.0, rate: RateLike = 1.0, graded: bool = False) -> dict[str, Any]:
+        """Entropy-code x: ``{"strings": [y_strings, z_strings, level_strings], "shape": z_hw}``.
 
         x of any size is replicate-padded to the stride; crop the decoded image. The third
-        group is each image's map of ROI cells (:mod:`pipeline.codec.steps`), empty when every
-        latent is quantised with step 1 (no mask, or Q = 1).
+        group is each image's level map, its step per latent cell (:mod:`~pipeline.codec.level_map`),
+        empty when every latent is quantised with step 1 (no mask, or Q = 1). ``graded``: steps
+        from the quality ``m + (1 - m) Q`` rather than the binary ROI cells.
         """
         x = pad_to_multiple(x, self.stride)
         if mask is not None:
             mask = pad_to_multiple(mask, self.stride)
         y = self.encode_latent(x, mask, roi_quality, rate)
-        cells = None if mask is None else roi_cells(mask, y.shape[-2:])
-        steps = None if cells is None else step_map(cells, roi_quality)
+        steps = quantisation_steps(mask, roi_quality, y.shape[-2:], graded)
         out = self.latent_codec.compress(y, steps)
-        cell_strings = [b""] * len(x) if steps is None else [pack_cells(c) for c in cells]
-        return {"strings": [out["y"], out["z"], cell_strings], "shape": out["shape"]}
+        level_strings = [b""] * len(x) if steps is None else [pack_levels(q) for q in steps.quarters]
+        return {"strings": [out["y"], out["z"], level_strings], "shape": out["shape"]}
 
     def coded_steps(self, strings: list[list[bytes]], shape: tuple[int, int] | torch.Size,
-                    roi_quality: RateLike) -> QuantSteps | None:
-        """The quantisation steps of the coded ROI cell maps (the third string group) on a
-        hyper-latent grid of ``shape``; None without a map (step 1 everywhere)."""
-        cell_strings = strings[2] if len(strings) > 2 else []
-        if all(not s for s in cell_strings):
+                    roi_quality: RateLike = 1.0, cell_maps: bool = False) -> QuantSteps | None:
+        """The quantisation steps the third string group codes on a hyper-latent grid of ``shape``:
+        level maps, or with ``cell_maps`` version 3's ROI cell maps (their background's step from
+        ``roi_quality``); None without a map (step 1 everywhere)."""
+        maps = strings[2] if len(strings) > 2 else []
+        if all(not s for s in maps):
             return None
         grid = (shape[0] * self.stride // CELL, shape[1] * self.stride // CELL)
-        cells = torch.cat([unpack_cells(s, grid) for s in cell_strings])
-        return step_map(cells.to(self.latent_codec.entropy_bottleneck.quantiles.device), roi_quality)
+        device = self.latent_codec.entropy_bottleneck.quantiles.device
+        if cell_maps:
+            cells = torch.cat([unpack_cells(s, grid) for s in maps])
+            return step_map(cells.to(device), roi_quality)
+        quarters = [unpack_levels(s, grid) for s in maps]
+        ones = torch.full((1, 1, *grid), 4.0)
+        return QuantSteps(torch.cat([ones if q is None else q for q in quarters]).to(device))
 
     @torch.no_grad()
     def decode_state(self, strings: list[list[bytes]], shape: tuple[int, int] | torch.Size,
-                     roi_quality: RateLike = 1.0) -> dict[str, Any]:
+                     roi_quality: RateLike = 1.0, cell_maps: bool = False) -> dict[str, Any]:
         """What the entropy decoder rebuilds: ``z_hat``, ``y_hat`` and the coded ``indexes`` and ``symbols``."""
-        steps = self.coded_steps(strings, shape, roi_quality)
+        steps = self.coded_steps(strings, shape, roi_quality, cell_maps)
         return self.latent_codec.decompress(strings[0], strings[1], shape, steps)
 
     @torch.no_grad()
     def decompress(self, strings: list[list[bytes]], shape: tuple[int, int] | torch.Size,
-                   rate: RateLike = 1.0, roi_quality: RateLike = 1.0) -> dict[str, torch.Tensor]:
-        """Rebuild the (padded) image from the strings (two groups: no ROI cell map, step 1
-        everywhere); no mask needed, ``roi_quality`` the file's Q (its background step)."""
-        state = self.decode_state(strings, shape, roi_quality)
+                   rate: RateLike = 1.0, roi_quality: RateLike = 1.0, cell_maps: bool = False
+                   ) -> dict[str, torch.Tensor]:
+        """Rebuild the (padded) image from the strings (two groups: step 1 everywhere); no mask
+        needed. ``cell_maps``: the third group holds version 3's ROI cell maps, ``roi_quality``
+        the file's Q (their background's step)."""
+        state = self.decode_state(strings, shape, roi_quality, cell_maps)
         return {"x_hat": self.decode_latent(state["y_hat"], state["z_hat"], rate).clamp_(0, 1)}
 
 

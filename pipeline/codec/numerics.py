@@ -28,7 +28,7 @@ def coded_state(model: ROICodec, data: bytes) -> tuple[Tensor, Tensor]:
     header, groups = unpack(data)
     with torch.no_grad():
         shape = hyper_latent_shape(model, header)
-        state = model.decode_state(groups, shape, header.roi_quality)
+        state = model.decode_state(groups, shape, header.roi_quality, cell_maps=header.version == 3)
     return state["indexes"], state["symbols"]
 
 

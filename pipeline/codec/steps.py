@@ -12,6 +12,15 @@ The decoder needs the map of ROI cells, so it travels in the ``.roic`` file: one
 cell, packed and deflated (:func:`pack_cells`); the step comes from Q in the header. Steps
 are whole quarters so that the table index (``scale_int * 4 // quarters``) and the context
 model's fixed-point latent (``symbol * quarters * 2^frac / 4 + mean``) stay integer-exact.
+
+Graded quality maps (``graded=True``) generalise this: the per-pixel quality ``m + (1 - m) Q`` (a
+soft mask's ramps kept, or a quality map given as is with Q = 0) sets each cell's step from the
+cell's mean quality, snapped to :data:`LEVEL_QUARTERS`, octave steps 1, 2, 4, 8, 16 (the mean and
+the octaves measured best on the training photos' saliency maps, against the max and half
+octaves: docs/architecture.md). Any step map travels as a *level map* (:mod:`pipeline.codec.level_map`, ``.roic``
+version 4): the whole-quarter steps in use, then each cell's index among them coded from its
+neighbours; a binary map is its two-level case. Version 3's one-bit cell maps (:func:`pack_cells`)
+still decode.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ STEP_ONE = 4  # quarters in a step of 1
 MAX_QUARTERS = 64  # the coarsest background step: 16
 CELL = 16  # pixels per latent cell side (the analysis transform's stride)
 ROI_THRESHOLD = 0.5
+# the graded maps' levels: steps 2^k for k = 0..4, in whole quarters (1, 2, 4, 8, 16)
+LEVEL_QUARTERS = (4, 8, 16, 32, 64)
 
 
 def background_quarters(roi_quality: float | Tensor) -> Tensor:
@@ -115,3 +126,30 @@ def unpack_cells(data: bytes, grid: tuple[int, int]) -> Tensor:
         raise ValueError(f"ROI cell map of {len(raw)} bytes, expected {expected} for {h}x{w} cells")
     bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:h * w]
     return torch.from_numpy(bits.astype(bool)).reshape(1, 1, h, w)
+
+
+def graded_steps(quality: Tensor, grid: tuple[int, int]) -> QuantSteps | None:
+    """Steps of a per-pixel quality map (B,1,H,W in [0,1], 1 = best) on a latent ``grid``: each
+    cell's mean quality q gives the level ``round(log2(1/q))`` of :data:`LEVEL_QUARTERS` (0..4:
+    q = 1 step 1, q = 0.5 step 2, q = 0.1 step 8, q <= 1/16 step 16); None when every step is 1.
+    Encoder side only (the level map travels in the file)."""
+    cell_quality = F.adaptive_avg_pool2d(quality.double().clamp(0, 1), grid).clamp_min(1.0 / 16)
+    levels = torch.round(-torch.log2(cell_quality)).long().clamp(0, len(LEVEL_QUARTERS) - 1)
+    quarters = torch.tensor(LEVEL_QUARTERS, device=quality.device)[levels]
+    if bool((quarters == STEP_ONE).all()):
+        return None
+    return QuantSteps(quarters.float())
+
+
+def quantisation_steps(mask: Tensor | None, roi_quality: float | Tensor, grid: tuple[int, int],
+                       graded: bool = False) -> QuantSteps | None:
+    """The steps of a mask (B,1,H,W in [0,1]) and Q on a latent ``grid``: binary (a cell is ROI when
+    any pixel is >= 0.5, step 1; the background's step from Q) or ``graded`` (:func:`graded_steps`
+    of the quality ``m + (1 - m) Q``); None without a mask or when every step is 1."""
+    if mask is None:
+        return None
+    if graded:
+        q = torch.as_tensor(roi_quality, dtype=mask.dtype, device=mask.device).reshape(-1, 1, 1, 1)
+        return graded_steps(mask.clamp(0, 1) + (1 - mask.clamp(0, 1)) * q, grid)
+    return step_map(roi_cells(mask, grid), roi_quality)
+

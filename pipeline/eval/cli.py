@@ -26,19 +26,22 @@ Every image is compressed to a .roic file with its mask and decoded back; bpp is
 the real file size. JPEG, WebP and JPEG 2000 (Pillow) are run at the setting whose
 bpp is nearest to the learned file's, and the same checkpoint with ROI off
 (uniform quality, rate searched for the nearest bpp) is the learned baseline.
-Per image and mean: bpp, psnr, roi_psnr, nonroi_psnr, ms_ssim for every codec,
+Per image and mean: bpp, psnr, roi_psnr, nonroi_psnr, weighted_psnr (each
+pixel's error weighted by its quality m + (1 - m) Q), ms_ssim for every codec,
 and perceptual metrics: haarpsi (1 = identical), gmsd (0 = identical), and
 texture_roi / texture_nonroi (fine-band Laplacian energy of the decoded image over
 the original's inside / outside the ROI: 1 = as detailed as the original, < 1
 smoother, > 1 noisier). With --vgg-weights also lpips, lpips_roi, lpips_nonroi.
 
 Masks are MASKS/<image stem>.png (white = ROI). Without --masks the whole image
-is ROI: roi_psnr equals psnr and nonroi_psnr is null. Unreadable images are
+is ROI: roi_psnr equals psnr and nonroi_psnr is null. With --soft the codec takes
+each mask as a graded quality map (m + (1 - m) Q, ramps kept: a step per latent
+cell) rather than a binary ROI; quality maps themselves: --soft --roi-quality 0. Unreadable images are
 listed under "errors" in the JSON and skipped.
 
 With --sweep: RD curves over --sweep-rates rates for each --sweep-roi-quality
 (and the baselines over their own quality range), BD-rate and BD-PSNR on ROI
-PSNR and PSNR against every baseline, PNG plots and CSV tables.
+PSNR, PSNR and quality-weighted PSNR against every baseline, PNG plots and CSV tables.
 
 With --task-annotations ANN.json (a COCO-format set: --images holds its images):
 task metrics. Every image is coded at each of --sweep-rates (the baselines at the
@@ -86,6 +89,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser, default_model: bool 
     parser.add_argument("--json", required=True, metavar="OUT.json", help="where to write the results")
     parser.add_argument("--roi-quality", type=unit_interval, default=DEFAULT_ROI_QUALITY, metavar="Q",
                         help="value of non-ROI pixels in [0,1]; 1 = uniform quality (default %(default)s)")
+    parser.add_argument("--soft", action="store_true",
+                        help="graded quality maps: each latent cell's step from the soft mask's quality "
+                             "m + (1 - m) Q instead of a binary ROI (masks that are quality maps: --roi-quality 0)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--rate", type=unit_interval, default=DEFAULT_RATE, metavar="R",
                       help="continuous rate in [0,1] of the single operating point (default %(default)s)")
@@ -239,6 +245,9 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
         raise EvaluationError("--plots needs --sweep or --task-annotations (plots are RD curves)")
     if args.pictures_against is not None and args.pictures is None:
         raise EvaluationError("--pictures-against needs --pictures DIR")
+    if args.soft and (args.pictures is not None or args.task_annotations is not None):
+        raise EvaluationError("--soft (graded quality maps) evaluates --rate and --sweep points; "
+                              "it does not apply to --pictures or --task-annotations")
     if args.pictures is not None and (args.sweep or args.task_annotations):
         raise EvaluationError("--pictures shows a single operating point (--rate), not --sweep or --task-annotations")
     progress = not args.no_progress
@@ -252,7 +261,7 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     elif args.sweep:
         result = rd_sweep(args.checkpoint, args.images, args.masks, roi_quality=args.roi_quality,
                           rates=sweep_rates(args.sweep_rates), roi_qualities=args.sweep_roi_qualities,
-                          baselines=args.baselines, progress=progress, lpips=lpips)
+                          baselines=args.baselines, progress=progress, lpips=lpips, graded=args.soft)
         plots_dir = Path(args.plots) if args.plots else out_json.with_name(out_json.stem + "_rd")
         files = write_rd_outputs(result, plots_dir, json_path=out_json)
         logged = [files["json"], files["points_csv"], files["bd_csv"], *files["plots"]]
@@ -268,7 +277,8 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
         print(f"{out_json}; plots and CSV in {plots_dir}")
     else:
         result = evaluate_checkpoint(args.checkpoint, args.images, args.masks, roi_quality=args.roi_quality,
-                                     rate=args.rate, baselines=args.baselines, progress=progress, lpips=lpips)
+                                     rate=args.rate, baselines=args.baselines, progress=progress, lpips=lpips,
+                                     graded=args.soft)
         to_json(result, out_json)
         if not args.no_mlflow:
             info = log_to_mlflow(result, [out_json], args.mlflow_uri)

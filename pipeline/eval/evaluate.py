@@ -14,11 +14,15 @@ For every image of ``images_dir`` (files with an extension Pillow knows; sorted 
 
 Metrics of each codec (:mod:`pipeline.eval.metrics` and :mod:`pipeline.eval.perceptual`, on
 the 8-bit reconstruction a user would get: the learned output is rounded to 8 bits like
-``roicodec decompress``'s PNG): ``bpp``, ``psnr``, ``roi_psnr``, ``nonroi_psnr``, ``ms_ssim``,
+``roicodec decompress``'s PNG): ``bpp``, ``psnr``, ``roi_psnr``, ``nonroi_psnr``, ``weighted_psnr``
+(each pixel's error weighted by its quality ``m + (1 - m) Q`` at the evaluation's main Q: the map a
+graded file is coded from), ``ms_ssim``,
 ``haarpsi``, ``gmsd``, ``texture_roi``, ``texture_nonroi`` (+ ``setting``: quality, ratio or
 rate); with an LPIPS model (``lpips=``, ``--vgg-weights``) also ``lpips``, ``lpips_roi``,
 ``lpips_nonroi``. Masks are ``masks_dir/<image stem>.png`` (white = ROI, resized to the
-image); the codec gets the soft mask, the metrics binarise it at 0.5. Without
+image); the codec gets the soft mask, the ROI metrics binarise it at 0.5. ``graded`` (``--soft``)
+codes each latent cell's step from the soft quality map instead of the binary ROI cells (masks
+that are quality maps: ``graded`` with Q = 0). Without
 ``masks_dir`` the whole image is ROI: the codec gets no mask (uniform quality, so
 ``learned_uniform`` is the learned codec itself), ``roi_psnr`` equals ``psnr`` and
 ``nonroi_psnr`` (and ``texture_nonroi``, ``lpips_nonroi``) is ``nan`` (an empty region); an
@@ -62,10 +66,10 @@ from pipeline.codec.coding import (bits_per_pixel, decode, encode, image_to_tens
                                    open_image)
 from pipeline.codec.models import ROICodec
 from pipeline.eval import baselines as bl
-from pipeline.eval.metrics import ms_ssim, psnr, roi_psnr
+from pipeline.eval.metrics import ms_ssim, psnr, quality_weighted_psnr, roi_psnr
 from pipeline.eval.perceptual import LPIPS_KEYS, WEIGHT_FREE, LPIPSDistance, perceptual_quality
 
-METRICS = ("bpp", "psnr", "roi_psnr", "nonroi_psnr", "ms_ssim", *WEIGHT_FREE)
+METRICS = ("bpp", "psnr", "roi_psnr", "nonroi_psnr", "weighted_psnr", "ms_ssim", *WEIGHT_FREE)
 LEARNED = "roicodec"
 UNIFORM = "learned_uniform"
 DEFAULT_ROI_QUALITY = 0.3
@@ -137,15 +141,17 @@ def quantize8(x: torch.Tensor) -> torch.Tensor:
 
 
 def quality(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor | None,
-            lpips: LPIPSDistance | None = None) -> dict[str, float]:
-    """psnr, roi_psnr, nonroi_psnr, ms_ssim and the weight-free perceptual metrics (haarpsi,
-    gmsd, texture_roi, texture_nonroi) of a reconstruction, + lpips, lpips_roi, lpips_nonroi
-    with an LPIPS model (:func:`pipeline.eval.perceptual.load_lpips`); no mask: all ROI."""
+            lpips: LPIPSDistance | None = None, roi_quality: float = 0.0) -> dict[str, float]:
+    """psnr, roi_psnr, nonroi_psnr, weighted_psnr (weights ``m + (1 - m) roi_quality``), ms_ssim and
+    the weight-free perceptual metrics (haarpsi, gmsd, texture_roi, texture_nonroi) of a
+    reconstruction, + lpips, lpips_roi, lpips_nonroi with an LPIPS model
+    (:func:`pipeline.eval.perceptual.load_lpips`); no mask: all ROI."""
+    weighted = quality_weighted_psnr(x, x_hat, mask, roi_quality)
     if mask is None:
         mask = torch.ones_like(x[:, :1])
     roi, nonroi = roi_psnr(x, x_hat, mask)
-    return {"psnr": psnr(x, x_hat), "roi_psnr": roi, "nonroi_psnr": nonroi, "ms_ssim": ms_ssim(x, x_hat),
-            **perceptual_quality(x, x_hat, mask, lpips)}
+    return {"psnr": psnr(x, x_hat), "roi_psnr": roi, "nonroi_psnr": nonroi, "weighted_psnr": weighted,
+            "ms_ssim": ms_ssim(x, x_hat), **perceptual_quality(x, x_hat, mask, lpips)}
 
 
 def metric_keys(rows: Iterable[dict[str, Any]]) -> tuple[str, ...]:
@@ -155,20 +161,23 @@ def metric_keys(rows: Iterable[dict[str, Any]]) -> tuple[str, ...]:
 
 
 def _entry(bpp: float, setting: float, x: torch.Tensor, x_hat: torch.Tensor,
-           mask: torch.Tensor | None, lpips: LPIPSDistance | None = None, **more: Any) -> dict[str, Any]:
-    return {"bpp": float(bpp), **quality(x, x_hat, mask, lpips), "setting": float(setting), **more}
+           mask: torch.Tensor | None, lpips: LPIPSDistance | None = None, weight_quality: float = 0.0,
+           **more: Any) -> dict[str, Any]:
+    return {"bpp": float(bpp), **quality(x, x_hat, mask, lpips, weight_quality), "setting": float(setting),
+            **more}
 
 
 def learned_point(model: ROICodec, x: torch.Tensor, mask: torch.Tensor | None, roi_quality: float,
-                  rate: float, eval_mask: torch.Tensor | None = None, lpips: LPIPSDistance | None = None
-                  ) -> dict[str, Any]:
-    """Encode to real ``.roic`` bytes, decode them, measure (``setting`` = the rate)."""
+                  rate: float, eval_mask: torch.Tensor | None = None, lpips: LPIPSDistance | None = None,
+                  graded: bool = False, weight_quality: float | None = None) -> dict[str, Any]:
+    """Encode to real ``.roic`` bytes (``graded``: steps from the soft quality map), decode them,
+    measure (``setting`` = the rate; ``weighted_psnr`` at ``weight_quality``, default ``roi_quality``)."""
     with torch.no_grad():
-        data = encode(model, x, mask, roi_quality, rate)
+        data = encode(model, x, mask, roi_quality, rate, graded)
         x_hat = quantize8(decode(model, data))
     h, w = x.shape[-2:]
     return _entry(bits_per_pixel(data, w, h), rate, x, x_hat, mask if eval_mask is None else eval_mask, lpips,
-                  bytes=len(data))
+                  roi_quality if weight_quality is None else weight_quality, bytes=len(data))
 
 
 def learned_at_bpp(model: ROICodec, x: torch.Tensor, target_bpp: float, roi_quality: float = 1.0,
@@ -200,23 +209,25 @@ def learned_at_bpp(model: ROICodec, x: torch.Tensor, target_bpp: float, roi_qual
 
 
 def uniform_point(model: ROICodec, x: torch.Tensor, eval_mask: torch.Tensor | None, target_bpp: float,
-                  rate: float, match: str = "bpp", steps: int = 8, lpips: LPIPSDistance | None = None
-                  ) -> dict[str, Any]:
+                  rate: float, match: str = "bpp", steps: int = 8, lpips: LPIPSDistance | None = None,
+                  weight_quality: float = 0.0) -> dict[str, Any]:
     """The learned codec with ROI off (uniform quality), at the nearest bpp or at ``rate``."""
     if match == "rate":
-        return learned_point(model, x, None, 1.0, rate, eval_mask=eval_mask, lpips=lpips)
+        return learned_point(model, x, None, 1.0, rate, eval_mask=eval_mask, lpips=lpips,
+                             weight_quality=weight_quality)
     data, r = learned_at_bpp(model, x, target_bpp, 1.0, None, steps=steps)
     with torch.no_grad():
         x_hat = quantize8(decode(model, data))
     h, w = x.shape[-2:]
-    return _entry(bits_per_pixel(data, w, h), r, x, x_hat, eval_mask, lpips, bytes=len(data))
+    return _entry(bits_per_pixel(data, w, h), r, x, x_hat, eval_mask, lpips, weight_quality, bytes=len(data))
 
 
 def baseline_point(name: str, image: Image.Image, x: torch.Tensor, mask: torch.Tensor | None,
-                   target_bpp: float, lpips: LPIPSDistance | None = None) -> dict[str, Any]:
+                   target_bpp: float, lpips: LPIPSDistance | None = None, weight_quality: float = 0.0
+                   ) -> dict[str, Any]:
     """Baseline ``name`` at the nearest bpp, measured like the learned codec."""
     res = bl.encode_at_bpp(name, image, target_bpp)
-    return _entry(res.bpp, res.setting, x, res.x_hat, mask, lpips, bytes=len(res.data))
+    return _entry(res.bpp, res.setting, x, res.x_hat, mask, lpips, weight_quality, bytes=len(res.data))
 
 
 # -- aggregation and JSON ---------------------------------------------------------------------
@@ -274,7 +285,8 @@ def evaluate_checkpoint(checkpoint: str | Path | ROICodec, images_dir: str | Pat
                         masks_dir: str | Path | None = None, roi_quality: float = DEFAULT_ROI_QUALITY,
                         rate: float = DEFAULT_RATE, baselines: Iterable[str] = bl.BASELINES,
                         uniform: bool = True, uniform_match: str = "bpp", uniform_steps: int = 8,
-                        progress: bool = True, lpips: LPIPSDistance | None = None) -> dict[str, Any]:
+                        progress: bool = True, lpips: LPIPSDistance | None = None, graded: bool = False
+                        ) -> dict[str, Any]:
     """Evaluate one operating point of a checkpoint on ``images_dir`` (see the module docstring).
 
     ``checkpoint``: a checkpoint file, a Ray checkpoint folder (its ``model.pt``) or a model.
@@ -304,16 +316,16 @@ def evaluate_checkpoint(checkpoint: str | Path | ROICodec, images_dir: str | Pat
         roi_fraction = 1.0 if mask is None else float((mask >= 0.5).float().mean())
         entry: dict[str, Any] = {"image": path.name, "width": int(w), "height": int(h), "mask": mpath,
                                  "roi_fraction": roi_fraction}
-        point = learned_point(model, x, mask, roi_quality, rate, lpips=lpips)
+        point = learned_point(model, x, mask, roi_quality, rate, lpips=lpips, graded=graded)
         entry.update(point)
         if uniform:
             if mask is None:  # no mask: the learned codec is uniform already
                 entry[UNIFORM] = dict(point)
             else:
                 entry[UNIFORM] = uniform_point(model, x, mask, point["bpp"], rate, uniform_match,
-                                               uniform_steps, lpips)
+                                               uniform_steps, lpips, roi_quality)
         for name in run:
-            entry[name] = baseline_point(name, image, x, mask, point["bpp"], lpips)
+            entry[name] = baseline_point(name, image, x, mask, point["bpp"], lpips, roi_quality)
         images.append(entry)
     if not images:
         first = errors[0]["error"] if errors else "nothing to do"
@@ -322,7 +334,8 @@ def evaluate_checkpoint(checkpoint: str | Path | ROICodec, images_dir: str | Pat
     return {
         "checkpoint": ckpt_path, "variant": model.variant, "images_dir": str(images_dir),
         "masks_dir": None if masks_dir is None else str(masks_dir),
-        "roi_quality": float(roi_quality), "rate": float(rate), "uniform_match": uniform_match,
+        "roi_quality": float(roi_quality), "rate": float(rate), "graded": bool(graded),
+        "uniform_match": uniform_match,
         "codecs": codecs, "baselines_skipped": skipped,
         "n_images": len(images), "images": images, "mean": mean_entry(images, codecs), "errors": errors,
     }
@@ -337,7 +350,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         m = mean if c == LEARNED else mean.get(c, {})
         lines.append(f"  {c:<16} {m.get('bpp', float('nan')):7.4f} bpp  PSNR {m.get('psnr', float('nan')):6.2f} dB"
                      f"  ROI {m.get('roi_psnr', float('nan')):6.2f} dB  non-ROI "
-                     f"{m.get('nonroi_psnr', float('nan')):6.2f} dB  MS-SSIM {m.get('ms_ssim', float('nan')):.4f}"
+                     f"{m.get('nonroi_psnr', float('nan')):6.2f} dB  weighted "
+                     f"{m.get('weighted_psnr', float('nan')):6.2f} dB"
+                     f"  MS-SSIM {m.get('ms_ssim', float('nan')):.4f}"
                      f"  HaarPSI {m.get('haarpsi', float('nan')):.4f}  non-ROI texture "
                      f"{m.get('texture_nonroi', float('nan')):.2f}"
                      + (f"  LPIPS {m['lpips']:.4f}" if "lpips" in m else ""))

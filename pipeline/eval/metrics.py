@@ -1,4 +1,4 @@
-"""Image quality metrics on [0,1] tensors: PSNR, ROI / non-ROI PSNR, MS-SSIM.
+"""Image quality metrics on [0,1] tensors: PSNR, ROI / non-ROI PSNR, quality-weighted PSNR, MS-SSIM.
 
 PSNR of identical images (MSE = 0) is capped at ``PSNR_CAP`` dB rather than infinite,
 so means over images stay finite. An empty region (no ROI pixel) gives ``nan``.
@@ -39,6 +39,16 @@ def roi_psnr(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, threshold: fl
     """(ROI PSNR, non-ROI PSNR): the mask is binarised at ``threshold`` (white = ROI)."""
     roi = (mask >= threshold).to(x.dtype)
     return masked_psnr(x, y, roi), masked_psnr(x, y, 1 - roi)
+
+
+def quality_weighted_psnr(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None,
+                          roi_quality: float = 0.0) -> float:
+    """PSNR with each pixel's squared error weighted by its quality ``m + (1 - m) Q`` (the map a
+    graded file is coded from: a quality map is ``mask`` with Q = 0); plain PSNR without a mask."""
+    if mask is None:
+        return psnr(x, y)
+    m = mask.double().clamp(0, 1)
+    return masked_psnr(x, y, m + (1 - m) * float(roi_quality))
 
 
 def ms_ssim(x: torch.Tensor, y: torch.Tensor) -> float:

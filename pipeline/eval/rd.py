@@ -22,13 +22,14 @@ curve with every rate scaled by ``s`` has BD-rate ``100 (s - 1)`` exactly; PSNR 
 by ``d`` has BD-PSNR ``d``. The rate axis is bpp.
 
 Keys: ``bd_rate_<m>_vs_<anchor>`` and ``bd_psnr_<m>_vs_<anchor>`` with ``m`` = ``roi``
-(ROI PSNR) or ``psnr`` (whole-image PSNR), anchors ``jpeg``, ``webp``, ``jpeg2000`` and
+(ROI PSNR), ``psnr`` (whole-image PSNR) or ``weighted`` (quality-weighted PSNR), anchors
+``jpeg``, ``webp``, ``jpeg2000`` and
 ``uniform`` (the learned codec with ROI off), test = the ``roicodec`` curve. Every
 learned curve against every anchor is in ``bd_by_curve``.
 
 **Outputs** (:func:`write_rd_outputs`): ``rd.json`` (the whole result), ``rd_points.csv``
 (one row per curve point), ``bd.csv`` (one row per curve x anchor x metric), and PNG
-plots ``rd_roi_psnr.png``, ``rd_psnr.png``, ``rd_ms_ssim.png``, ``rd_haarpsi.png`` and, with
+plots ``rd_roi_psnr.png``, ``rd_psnr.png``, ``rd_weighted_psnr.png``, ``rd_ms_ssim.png``, ``rd_haarpsi.png`` and, with
 masks, ``rd_nonroi_psnr.png`` and ``rd_texture_nonroi.png`` (the background's texture ratio, a
 line at 1 for the original); matplotlib's Agg canvas, pyplot's global state is not touched.
 Every point carries the metrics of :func:`pipeline.eval.evaluate.quality` (the perceptual ones
@@ -76,13 +77,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RATES = (0.0, 0.25, 0.5, 0.75, 1.0)
 AP_SUFFIXES = ("_AP", "_AP50", "_AP75", "_AP_small", "_AP_medium", "_AP_large")
-DISTORTIONS = {"roi": "roi_psnr", "psnr": "psnr"}
+DISTORTIONS = {"roi": "roi_psnr", "psnr": "psnr", "weighted": "weighted_psnr"}
 DEFAULT_CRITERION = "bd_rate_roi_vs_jpeg"
 CHAMPION = "champion"
-PLOT_METRICS = ("roi_psnr", "psnr", "nonroi_psnr", "ms_ssim", "haarpsi", "texture_nonroi")
-NONROI_METRICS = ("nonroi_psnr", "texture_nonroi")  # plotted only with masks
+PLOT_METRICS = ("roi_psnr", "psnr", "weighted_psnr", "nonroi_psnr", "ms_ssim", "haarpsi", "texture_nonroi")
+NONROI_METRICS = ("nonroi_psnr", "weighted_psnr", "texture_nonroi")  # plotted only with masks
 REFERENCES = {"texture_nonroi": 1.0}  # the original's value, drawn as a line
 _LABELS = {"roi_psnr": "ROI PSNR (dB)", "psnr": "PSNR (dB)", "nonroi_psnr": "non-ROI PSNR (dB)",
+           "weighted_psnr": "quality-weighted PSNR (dB)",
            "ms_ssim": "MS-SSIM", "haarpsi": "HaarPSI (1 = original)",
            "texture_nonroi": "background texture ratio (1 = original)",
            "bbox_AP": "detection AP (COCO, bbox)", "segm_AP": "instance segmentation AP (segm)"}
@@ -163,10 +165,12 @@ def rd_sweep(checkpoint: str | Path | ROICodec, images_dir: str | Path, masks_di
              roi_quality: float = DEFAULT_ROI_QUALITY, rates: Sequence[float] = DEFAULT_RATES,
              roi_qualities: Sequence[float] | None = None, baselines: Iterable[str] = bl.BASELINES,
              baseline_settings: dict[str, Sequence[float]] | None = None, progress: bool = True,
-             lpips: LPIPSDistance | None = None) -> dict[str, Any]:
+             lpips: LPIPSDistance | None = None, graded: bool = False) -> dict[str, Any]:
     """RD curves of the learned codec and the baselines on ``images_dir``, with BD numbers.
 
     ``roi_qualities`` defaults to (``roi_quality``, 1.0); ``roi_quality`` is always swept.
+    ``graded``: the learned codec's steps follow the soft quality map (``--soft``); every curve's
+    ``weighted_psnr`` weighs pixels by the main ``roi_quality``'s map ``m + (1 - m) Q``.
     ``baseline_settings`` overrides a baseline's settings, e.g. ``{"jpeg": [5, 50, 90]}``.
     ``lpips``: an LPIPS model (:func:`pipeline.eval.perceptual.load_lpips`) adds the LPIPS metrics.
     """
@@ -207,7 +211,8 @@ def rd_sweep(checkpoint: str | Path | ROICodec, images_dir: str | Path, masks_di
         for r in rates:
             rows = []
             for _, _, x, mask, _ in data:
-                rows.append(learned_point(model, x, mask, q, r, lpips=lpips))
+                rows.append(learned_point(model, x, mask, q, r, lpips=lpips, graded=graded,
+                                          weight_quality=roi_quality))
                 bar.update()
             points.append(_mean_point(rows, r))
         curves[curve_name(q, roi_quality)] = {"kind": "learned", "roi_quality": float(q), "points": points}
@@ -217,7 +222,7 @@ def rd_sweep(checkpoint: str | Path | ROICodec, images_dir: str | Path, masks_di
             rows = []
             for _, image, x, mask, _ in data:
                 res = bl.encode_at_setting(name, image, s)
-                rows.append({"bpp": res.bpp, **quality(x, res.x_hat, mask, lpips)})
+                rows.append({"bpp": res.bpp, **quality(x, res.x_hat, mask, lpips, roi_quality)})
                 bar.update()
             points.append(_mean_point(rows, s))
         points.sort(key=lambda p: p["bpp"])
@@ -237,6 +242,7 @@ def rd_sweep(checkpoint: str | Path | ROICodec, images_dir: str | Path, masks_di
     return {
         "checkpoint": ckpt_path, "variant": model.variant, "images_dir": str(images_dir),
         "masks_dir": None if masks_dir is None else str(masks_dir), "roi_quality": float(roi_quality),
+        "graded": bool(graded),
         "rates": rates, "roi_qualities": [float(q) for q in qs], "baseline_settings": settings,
         "baselines_skipped": skipped, "n_images": len(data), "errors": errors,
         "curves": curves, "bd": bd, "bd_by_curve": bd_by_curve,

@@ -55,10 +55,15 @@ def add_mask_source_arguments(parser: argparse.ArgumentParser) -> None:
                        help="allow downloading missing CLIP weights (off: fail at once when not cached)")
 
 
+def has_mask_source(args: argparse.Namespace) -> bool:
+    """Whether the parsed arguments name a mask source."""
+    return bool(args.prompts or args.saliency or args.coco or args.categories or args.prompt_weights)
+
+
 def mask_from_args(args: argparse.Namespace, image: Image.Image, image_path: str | Path | None = None
                    ) -> np.ndarray | None:
     """The mask the parsed mask-source arguments ask for, or None when none was given."""
-    if not (args.prompts or args.saliency or args.coco or args.categories or args.prompt_weights):
+    if not has_mask_source(args):
         return None
     return build_mask(
         image, prompts=args.prompts, prompt_weights=args.prompt_weights, saliency=args.saliency,
