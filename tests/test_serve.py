@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import importlib.util
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +116,7 @@ def test_mask_endpoint_equals_library(client, masker, image):
 
 
 def test_roundtrip_json_metrics(client, model, image):
-    from pipeline.eval.metrics import psnr, roi_psnr
+    from pipeline.eval.metrics import psnr, quality_weighted_psnr, roi_psnr
 
     arr, objects = image
     res = client.post("roundtrip", data={"roi_quality": "0.25", "rate": "0.7"},
@@ -135,8 +136,51 @@ def test_roundtrip_json_metrics(client, model, image):
     roi, nonroi = roi_psnr(x, y, m)
     assert body["psnr"] == pytest.approx(psnr(x, y)) and body["roi_psnr"] == pytest.approx(roi)
     assert body["nonroi_psnr"] == pytest.approx(nonroi)
+    assert body["weighted_psnr"] == pytest.approx(quality_weighted_psnr(x, y, m, 0.25))
     assert Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))).size == (64, 64)
-    assert (body["width"], body["height"], body["mask_source"]) == (64, 64, "file")
+    assert (body["width"], body["height"], body["mask_source"], body["graded"]) == (64, 64, "file", False)
+
+
+def test_graded_soft_mask_over_http(client, model, image):
+    """``graded=true``: the cells follow a soft mask's ramp (a level map of more than two steps),
+    unlike the binary file of the same mask; the file decodes to the returned reconstruction."""
+    from pipeline.codec.bitstream import unpack
+    from pipeline.codec.level_map import unpack_levels
+    from pipeline.eval.metrics import quality_weighted_psnr
+
+    arr, _ = image
+    h, w = arr.shape[:2]
+    ramp = np.tile(np.linspace(0.0, 1.0, w, dtype=np.float32), (h, 1))  # soft: 0 on the left, 1 on the right
+    form = {"roi_quality": "0.05", "rate": "0.7", "graded": "true"}
+    files = {"image": ("p.png", png_bytes(arr), "image/png"), "mask": ("ramp.png", to_png(ramp), "image/png")}
+    res = client.post("roundtrip", data=form, files=files)
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["graded"] is True and body["mask_source"] == "file"
+    assert isinstance(body["weighted_psnr"], float) and math.isfinite(body["weighted_psnr"])
+
+    data = base64.b64decode(body["roic"])
+    x = image_to_tensor(Image.fromarray(arr))
+    m = mask_to_tensor(Image.open(io.BytesIO(to_png(ramp))), (h, w))
+    assert data == encode(model, x, m, 0.05, 0.7, graded=True)  # the library's bytes
+    want = tensor_to_image(decode(model, data))
+    rec = Image.open(io.BytesIO(base64.b64decode(body["reconstruction_png"])))
+    np.testing.assert_array_equal(np.asarray(rec), np.asarray(want))
+    assert body["weighted_psnr"] == pytest.approx(quality_weighted_psnr(x, image_to_tensor(want), m, 0.05))
+
+    binary = encode(model, x, m, 0.05, 0.7)  # the same mask, binary cells
+    assert binary != data
+    grid = (math.ceil(h / 64) * 4, math.ceil(w / 64) * 4)
+    graded_steps = unpack_levels(unpack(data)[1][2][0], grid)
+    binary_steps = unpack_levels(unpack(binary)[1][2][0], grid)
+    assert len(torch.unique(graded_steps)) > 2, graded_steps  # the ramp's levels
+    assert len(torch.unique(binary_steps)) == 2, binary_steps  # ROI and background
+    left, right = graded_steps[0, 0, :, 0], graded_steps[0, 0, :, -1]
+    assert bool((left > right).all())  # coarser where the mask is low
+
+    compressed = client.post("compress", data=form, files=files)  # /compress takes graded as well
+    assert compressed.status_code == 200, compressed.text
+    assert compressed.content == data
 
 
 def test_healthz_and_openapi(client, serve_app, model):
@@ -152,7 +196,7 @@ def test_healthz_and_openapi(client, serve_app, model):
     form = schema["paths"]["/compress"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     if "$ref" in form:
         form = schema["components"]["schemas"][form["$ref"].rsplit("/", 1)[-1]]
-    assert {"image", "prompt", "mask", "saliency", "roi_quality", "rate"} <= set(form["properties"])
+    assert {"image", "prompt", "mask", "saliency", "roi_quality", "rate", "graded"} <= set(form["properties"])
     page = client.get("")
     assert page.status_code == 200 and 'id="compress-btn"' in page.text
     assert client.get("static/app.js").status_code == 200
@@ -193,6 +237,7 @@ def test_bad_inputs_get_their_status_and_the_service_survives(client, serve_app,
         ("rate < 0", "roundtrip", {"files": img(good), "data": {"rate": "-0.1"}}, 422, "rate"),
         ("rate not a number", "compress", {"files": img(good), "data": {"rate": "fast"}}, 422, "rate"),
         ("rate nan", "compress", {"files": img(good), "data": {"rate": "nan"}}, 422, "rate"),
+        ("graded not a bool", "roundtrip", {"files": img(good), "data": {"graded": "maybe"}}, 422, "graded"),
         ("too many prompts", "compress", {"files": img(good), "data": {"prompt": ",".join("abcdefghij")}}, 422,
          "prompts"),
         ("mask and prompt", "compress", {"files": {**img(good), "mask": ("m.png", to_png(objects), "image/png")},

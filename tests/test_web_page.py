@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from serve_fixtures import png_bytes, sample_image  # noqa: E402
+from serve_fixtures import VARIANT, png_bytes, sample_image  # noqa: E402
 
 pytest_plugins = ["serve_fixtures"]
 
@@ -56,13 +56,13 @@ def test_upload_prompt_compress_shows_reconstruction_and_bpp(page, serve_app, tm
     from pipeline.codec.checkpoint import load_checkpoint
     from pipeline.codec.coding import (bits_per_pixel, decode, encode, image_to_tensor, mask_to_tensor,
                                        tensor_to_image)
-    from pipeline.eval.metrics import psnr, roi_psnr
+    from pipeline.eval.metrics import psnr, quality_weighted_psnr, roi_psnr
     from pipeline.masks import TextMasker, build_mask
 
     arr, _ = sample_image(64, seed=11)
     image_path = tmp_path / "street.png"
     image_path.write_bytes(png_bytes(arr))
-    sync_api.expect(page.locator("#model-info")).to_contain_text("model tma", timeout=TIMEOUT_MS)
+    sync_api.expect(page.locator("#model-info")).to_contain_text(f"model {VARIANT}", timeout=TIMEOUT_MS)
 
     page.set_input_files("#image-input", str(image_path))
     sync_api.expect(page.locator("#compress-btn")).to_be_enabled()
@@ -84,12 +84,14 @@ def test_upload_prompt_compress_shows_reconstruction_and_bpp(page, serve_app, tm
     assert page.inner_text("#bytes-value") == f"{len(expected)} bytes"
     x = image_to_tensor(Image.fromarray(arr))
     y = image_to_tensor(tensor_to_image(decode(model, expected)))
-    roi, nonroi = roi_psnr(x, y, mask_to_tensor(mask, (64, 64)))
+    m = mask_to_tensor(mask, (64, 64))
+    roi, nonroi = roi_psnr(x, y, m)
     shown = lambda v: "n/a" if math.isnan(v) else f"{v:.2f} dB"  # noqa: E731 - the page's format
     assert re.fullmatch(r"\d+\.\d\d dB", page.inner_text("#psnr-value"))
     assert page.inner_text("#psnr-value") == shown(psnr(x, y))
     assert page.inner_text("#roi-psnr-value") == shown(roi)  # n/a: a random CLIP's mask may have no ROI
     assert page.inner_text("#nonroi-psnr-value") == shown(nonroi)
+    assert page.inner_text("#weighted-psnr-value") == shown(quality_weighted_psnr(x, y, m, 0.2))
     rec = page.locator("#reconstruction-img")
     sync_api.expect(rec).to_be_visible()
     assert rec.evaluate("img => [img.complete, img.naturalWidth, img.naturalHeight]") == [True, 64, 64]
@@ -120,3 +122,124 @@ def test_page_shows_the_service_error_for_a_bad_file(page, tmp_path):
     sync_api.expect(error).to_be_visible(timeout=TIMEOUT_MS)
     sync_api.expect(error).to_contain_text("not a supported image")
     assert page.locator("#results").get_attribute("data-ready") == "false"
+
+
+def _form_parts(body: bytes | None) -> dict[str, bytes]:
+    """The fields of a multipart form body as the browser sent it: name -> bytes (files included)."""
+    assert body, "the request carried no form body"
+    boundary = body.split(b"\r\n", 1)[0]  # "--" + the boundary
+    parts = {}
+    for chunk in body.split(boundary)[1:-1]:
+        head, _, payload = chunk[2:].partition(b"\r\n\r\n")
+        name = re.search(rb'name="([^"]*)"', head)
+        assert name is not None and payload.endswith(b"\r\n"), head
+        parts[name.group(1).decode()] = payload[:-2]
+    assert parts, body[:200]
+    return parts
+
+
+def _roundtrip(page, sent: list, click: str):  # noqa: ANN001, ANN202
+    """Click ``click`` (Compress): the form the page sent (``sent`` is filled by a pass-through
+    route, which sees the body Chromium reports) and the service's JSON answer."""
+    n = len(sent)
+    is_roundtrip = lambda r: r.url.endswith("/roundtrip") and r.request.method == "POST"  # noqa: E731
+    with page.expect_response(is_roundtrip, timeout=TIMEOUT_MS) as info:
+        page.click(click)
+    response = info.value
+    assert response.status == 200, response.text()[:300]
+    page.wait_for_selector("#results[data-ready='true']", timeout=TIMEOUT_MS)
+    assert len(sent) == n + 1, "one request per Compress"
+    return _form_parts(sent[-1]), response.json()
+
+
+def test_paint_importance_sends_a_graded_map_and_the_painted_region_is_sharper(page, serve_app, tmp_path):
+    """Paint the left copy of a doubled photo with the "best" brush at a low floor: the page sends
+    the painted levels (gray PNG at the image's size) with graded=true, and in the file it gets back
+    the painted pixels decode better than the rest and than the same pixels' unpainted copy."""
+    import base64
+    import io
+
+    import numpy as np
+    import torch
+
+    from pipeline.codec.checkpoint import load_checkpoint
+    from pipeline.codec.coding import decode, image_to_tensor, tensor_to_image
+    from pipeline.eval.metrics import masked_psnr
+
+    tile, _ = sample_image(64, seed=11)
+    arr = np.concatenate([tile, tile], axis=1)  # 64x128: the right half a copy of the left
+    h, w = arr.shape[:2]
+    photo = png_bytes(arr)
+    sync_api.expect(page.locator("#model-info")).to_contain_text(f"model {VARIANT}", timeout=TIMEOUT_MS)
+    # from memory, not a path: Chromium reports the bytes of in-memory files in the request's body
+    page.set_input_files("#image-input", files=[{"name": "twins.png", "mimeType": "image/png", "buffer": photo}])
+    sync_api.expect(page.locator("#compress-btn")).to_be_enabled()
+    page.check("#source-paint")
+    sync_api.expect(page.locator("#prompt-field")).to_be_hidden()
+    sync_api.expect(page.locator("#paint-field")).to_contain_text("replaces prompts")
+    canvas = page.locator("#paint-canvas")
+    sync_api.expect(canvas).to_be_visible()
+    assert canvas.evaluate("c => [c.width, c.height]") == [w, h]
+    page.locator("#roi-quality").fill("0.1")
+    sent: list[bytes | None] = []  # the requests go on to the service unchanged
+    page.route("**/roundtrip", lambda route: (sent.append(route.request.post_data_buffer), route.continue_()))
+
+    # nothing painted: uniform quality, no mask and no graded field (the harness tells the two apart)
+    form, body = _roundtrip(page, sent, "#compress-btn")
+    assert form["image"] == photo and form["roi_quality"] == b"0.1", sorted(form)
+    assert "graded" not in form and "mask" not in form, sorted(form)
+    assert body["graded"] is False and body["mask_source"] == "none"
+
+    # paint a block of the left half with "best": a zigzag of strokes in image pixels 16..48
+    page.click("#brush-best")
+    page.locator("#brush-size").fill("24")
+    box = canvas.bounding_box()
+    left, top, cw, ch = canvas.evaluate("c => [c.clientLeft, c.clientTop, c.clientWidth, c.clientHeight]")
+    scale = min(cw / w, ch / h)  # the canvas shows the image "object-fit: contain"
+    ox, oy = box["x"] + left + (cw - w * scale) / 2, box["y"] + top + (ch - h * scale) / 2
+    at = lambda x, y: (ox + x * scale, oy + y * scale)  # noqa: E731 - image pixel -> page point
+    page.mouse.move(*at(16, 16))
+    page.mouse.down()
+    for k, y in enumerate(range(16, 49, 4)):
+        page.mouse.move(*at(48 if k % 2 == 0 else 16, y), steps=6)
+        page.mouse.move(*at(48 if k % 2 == 0 else 16, y + 4), steps=2)
+    page.mouse.up()
+    sync_api.expect(page.locator("#paint-status")).to_contain_text("% of the image painted")
+
+    form, body = _roundtrip(page, sent, "#compress-btn")
+    assert form.get("graded") == b"true" and "mask" in form and "prompt" not in form, sorted(form)
+    assert form["roi_quality"] == b"0.1"
+    sent = np.asarray(Image.open(io.BytesIO(form["mask"])).convert("L"))
+    assert sent.shape == (h, w)  # the image's own pixel size
+    assert set(np.unique(sent).tolist()) == {0, 255}  # the brush's levels only: no blur
+    painted = sent == 255
+    assert painted[16:49, 16:49].all() and not painted[:, 64:].any()  # the block, in the left half only
+    assert not painted[:4].any() and not painted[-4:].any()
+    returned = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))))
+    np.testing.assert_array_equal(returned, sent)  # the service coded that map
+    assert body["graded"] is True and body["mask_source"] == "file"
+    sync_api.expect(page.locator("#weighted-psnr-value")).to_have_text(f"{body['weighted_psnr']:.2f} dB")
+
+    # the file the page got, decoded by the library: the painted pixels are the sharpest
+    roic = base64.b64decode(body["roic"])
+    with page.expect_download(timeout=TIMEOUT_MS) as info:
+        page.click("#download-link")
+    assert Path(info.value.path()).read_bytes() == roic
+    model = load_checkpoint(serve_app.checkpoint)
+    x = image_to_tensor(Image.fromarray(arr))
+    y = image_to_tensor(tensor_to_image(decode(model, roic)))
+    weight = torch.from_numpy(painted.astype(np.float32))[None, None]
+    copy = torch.roll(weight, w // 2, dims=-1)  # the same pixels in the unpainted right half
+    inside, rest, twin = masked_psnr(x, y, weight), masked_psnr(x, y, 1 - weight), masked_psnr(x, y, copy)
+    print(f"painted {inside:.2f} dB, the rest {rest:.2f} dB, the painted pixels' copy {twin:.2f} dB")
+    assert inside > rest and inside > twin
+
+    shot = tmp_path / "web_page_paint.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    print(f"screenshot: {shot}")
+
+    # back to prompts: the painted map is kept, not sent, and the page says so
+    page.check("#source-prompt")
+    sync_api.expect(page.locator("#paint-kept")).to_be_visible()
+    sync_api.expect(canvas).to_be_hidden()

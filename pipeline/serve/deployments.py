@@ -64,7 +64,8 @@ class CodecModel:
         return {"variant": self.model.variant, "fingerprint": self.fingerprint, "device": self.device,
                 **self.source}
 
-    def _encode(self, rgb: np.ndarray, mask: np.ndarray | None, roi_quality: float, rate: float):
+    def _encode(self, rgb: np.ndarray, mask: np.ndarray | None, roi_quality: float, rate: float,
+                graded: bool = False):
         from PIL import Image
 
         from pipeline.codec.coding import encode, image_to_tensor, mask_to_tensor
@@ -73,15 +74,17 @@ class CodecModel:
         size = tuple(x.shape[-2:])
         m = None if mask is None else mask_to_tensor(mask, size)
         with self._lock:
-            data = encode(self.model, x, m, roi_quality, rate)
+            data = encode(self.model, x, m, roi_quality, rate, graded=graded)
         return x, m, data
 
-    def compress(self, rgb: np.ndarray, mask: np.ndarray | None, roi_quality: float, rate: float
-                 ) -> dict[str, Any]:
+    def compress(self, rgb: np.ndarray, mask: np.ndarray | None, roi_quality: float, rate: float,
+                 graded: bool = False) -> dict[str, Any]:
+        """Encode; ``graded``: each latent cell's step from the quality ``m + (1 - m) roi_quality``
+        (soft mask values kept) instead of the binary ROI cells."""
         from pipeline.codec.coding import bits_per_pixel
 
         try:
-            _, _, data = self._encode(rgb, mask, roi_quality, rate)
+            _, _, data = self._encode(rgb, mask, roi_quality, rate, graded)
         except ValueError as exc:
             return failure(422, one_line(exc))
         except Exception as exc:  # noqa: BLE001 - never let a request take the replica down
@@ -107,19 +110,22 @@ class CodecModel:
         return {"ok": True, "png": image_png(image), "width": image.width, "height": image.height,
                 "bpp": bits_per_pixel(data, image.width, image.height)}
 
-    def roundtrip(self, rgb: np.ndarray, mask: np.ndarray | None, roi_quality: float, rate: float
-                  ) -> dict[str, Any]:
-        """Compress, decode, and measure: PSNR and ROI / non-ROI PSNR of the 8-bit reconstruction."""
+    def roundtrip(self, rgb: np.ndarray, mask: np.ndarray | None, roi_quality: float, rate: float,
+                  graded: bool = False) -> dict[str, Any]:
+        """Compress (``graded`` as :meth:`compress`), decode, and measure the 8-bit reconstruction:
+        PSNR, ROI / non-ROI PSNR and the PSNR weighted by each pixel's quality ``m + (1 - m) roi_quality``
+        (plain PSNR without a mask)."""
         from pipeline.codec.coding import bits_per_pixel, decode, image_to_tensor, tensor_to_image
-        from pipeline.eval.metrics import psnr, roi_psnr
+        from pipeline.eval.metrics import psnr, quality_weighted_psnr, roi_psnr
 
         try:
-            x, m, data = self._encode(rgb, mask, roi_quality, rate)
+            x, m, data = self._encode(rgb, mask, roi_quality, rate, graded)
             with self._lock:
                 x_hat = decode(self.model, data)
             image = tensor_to_image(x_hat)
             y = image_to_tensor(image)  # the 8-bit image the user gets
             roi, nonroi = roi_psnr(x, y, m) if m is not None else (psnr(x, y), float("nan"))
+            weighted = quality_weighted_psnr(x, y, m, roi_quality)
         except ValueError as exc:
             return failure(422, one_line(exc))
         except Exception as exc:  # noqa: BLE001
@@ -129,7 +135,7 @@ class CodecModel:
         return {"ok": True, "data": data, "png": image_png(image), "width": w, "height": h,
                 "bpp": bits_per_pixel(data, w, h), "variant": self.model.variant,
                 "psnr": finite_or_none(psnr(x, y)), "roi_psnr": finite_or_none(roi),
-                "nonroi_psnr": finite_or_none(nonroi)}
+                "nonroi_psnr": finite_or_none(nonroi), "weighted_psnr": finite_or_none(weighted)}
 
 
 @serve.deployment(name="MaskModel")

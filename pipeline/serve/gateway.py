@@ -13,10 +13,10 @@ import asyncio
 import base64
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, Request, UploadFile
+from fastapi import FastAPI, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
@@ -37,6 +37,12 @@ _PNG = {"image/png": {"schema": {"type": "string", "format": "binary"}}}
 _ERRORS = {code: {"description": text} for code, text in (
     (400, "corrupt image or bitstream"), (413, "upload or image too large"), (415, "not an image"),
     (422, "bad form values"), (503, "a model deployment is unavailable"))}
+
+
+# the form field of graded quality maps, beside those of pipeline.serve.inputs (Saliency's kind)
+Graded = Annotated[bool, Form(description="graded quality: each 16x16 latent cell is coded at the quality "
+                                          "m + (1 - m) * roi_quality of its pixels (soft mask values and "
+                                          "painted levels kept) instead of binary ROI cells (any pixel >= 0.5)")]
 
 
 def replica_upload_limit() -> int:
@@ -142,9 +148,9 @@ class Gateway:
               response_class=Response, responses={200: {"content": _BINARY}, **_ERRORS})
     async def compress(self, image: ImageFile, prompt: Prompts = None, mask: MaskFile = None,
                        saliency: Saliency = False, roi_quality: RoiQuality = DEFAULT_ROI_QUALITY,
-                       rate: Rate = DEFAULT_RATE) -> Response:
+                       rate: Rate = DEFAULT_RATE, graded: Graded = False) -> Response:
         rgb, m, source = await self._inputs(image, prompt, mask, saliency)
-        out = await self._call(self.codec.compress.remote(rgb, m, roi_quality, rate))
+        out = await self._call(self.codec.compress.remote(rgb, m, roi_quality, rate, graded))
         stem = Path(image.filename or "image").stem or "image"
         return Response(out["data"], media_type="application/octet-stream", headers={
             "X-Bpp": f"{out['bpp']:.6f}", "X-Width": str(out["width"]), "X-Height": str(out["height"]),
@@ -181,13 +187,14 @@ class Gateway:
               responses=_ERRORS)
     async def roundtrip(self, image: ImageFile, prompt: Prompts = None, mask: MaskFile = None,
                         saliency: Saliency = False, roi_quality: RoiQuality = DEFAULT_ROI_QUALITY,
-                        rate: Rate = DEFAULT_RATE) -> JSONResponse:
+                        rate: Rate = DEFAULT_RATE, graded: Graded = False) -> JSONResponse:
         rgb, m, source = await self._inputs(image, prompt, mask, saliency)
-        out = await self._call(self.codec.roundtrip.remote(rgb, m, roi_quality, rate))
+        out = await self._call(self.codec.roundtrip.remote(rgb, m, roi_quality, rate, graded))
         mpng = None if m is None else await asyncio.to_thread(mask_png, m)
         b64 = lambda b: None if b is None else base64.b64encode(b).decode("ascii")  # noqa: E731
         return JSONResponse({
             "width": out["width"], "height": out["height"], "bytes": len(out["data"]), "bpp": out["bpp"],
             "psnr": out["psnr"], "roi_psnr": out["roi_psnr"], "nonroi_psnr": out["nonroi_psnr"],
-            "roi_quality": roi_quality, "rate": rate, "variant": out["variant"], "mask_source": source,
+            "weighted_psnr": out["weighted_psnr"], "roi_quality": roi_quality, "rate": rate, "graded": graded,
+            "variant": out["variant"], "mask_source": source,
             "roic": b64(out["data"]), "reconstruction_png": b64(out["png"]), "mask_png": b64(mpng)})
