@@ -25,7 +25,7 @@ from torch import Tensor
 from pipeline.codec.entropy.compact import pad_for_decoding
 from pipeline.codec.steps import MAX_QUARTERS, STEP_ONE
 
-MAX_PALETTE = 16  # steps one level map may list (ours list at most 9)
+MAX_PALETTE = 16  # steps one level map may list (ours list at most 5)
 PRECISION = 16
 PRIOR, INCREMENT, LIMIT = 8, 16, 1024
 MIN_SYMBOLS = 8

@@ -40,7 +40,7 @@ from pipeline.codec.entropy import FAMILIES, EntropyFamily, build_family
 from pipeline.codec.latent import STRUCTURES, LatentStructure, build_latent
 from pipeline.codec.layers import GainUnits, RateLike
 from pipeline.codec.level_map import pack_levels, unpack_levels
-from pipeline.codec.steps import CELL, QuantSteps, quantisation_steps, step_map, unpack_cells
+from pipeline.codec.steps import CELL, STEP_ONE, QuantSteps, quantisation_steps, step_map, unpack_cells
 from pipeline.codec.transforms import TRANSFORMS, Transforms, build_transforms
 from pipeline.masks.ops import assign_nonroi_value
 
@@ -237,7 +237,7 @@ class ROICodec(CompressionModel):
             cells = torch.cat([unpack_cells(s, grid) for s in maps])
             return step_map(cells.to(device), roi_quality)
         quarters = [unpack_levels(s, grid) for s in maps]
-        ones = torch.full((1, 1, *grid), 4.0)
+        ones = torch.full((1, 1, *grid), float(STEP_ONE))
         return QuantSteps(torch.cat([ones if q is None else q for q in quarters]).to(device))
 
     @torch.no_grad()
