@@ -33,6 +33,10 @@ VARIANT = "sft"
 APP_NAME = "roicodec-test"
 MAX_UPLOAD_MB = 0.5
 MAX_PIXELS = 256 * 256
+# The first test that uses the app sets it up: Ray, the deployment and, in a run where no earlier
+# test trained it (``pytest tests/test_serve.py``), the trained model (1000 steps: minutes on a
+# busy 2-core machine). Its time limit allows for that; the other tests keep the suite's.
+FIRST_TEST_TIMEOUT_S = 1800
 
 
 @dataclass
@@ -108,10 +112,12 @@ def _tiny_checkpoint(path: Path, seed: int) -> Path:
 def pytest_collection_modifyitems(session, config, items) -> None:  # noqa: ANN001 - pytest hook
     """Run the tests that use the Serve app last and back to back: the app (and its Ray)
     lives from the first of them to the end of the session, so no other test runs while
-    it holds Ray and CPUs, and the modules that use it share one deployment."""
+    it holds Ray and CPUs, and the modules that use it share one deployment. The first of
+    them gets :data:`FIRST_TEST_TIMEOUT_S`: it pays for the app's setup."""
     uses = [item for item in items if "serve_app" in getattr(item, "fixturenames", ())]
     if uses:
         items[:] = [item for item in items if "serve_app" not in getattr(item, "fixturenames", ())] + uses
+        uses[0].add_marker(pytest.mark.timeout(FIRST_TEST_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")

@@ -240,8 +240,8 @@ def test_rd_outputs_carry_and_plot_the_perceptual_metrics(tmp_path, monkeypatch)
         return path
     monkeypatch.setattr(rd, "plot_rd", plot_rd)
     files = rd.write_rd_outputs(result, tmp_path / "out")
-    assert drawn == {"roi_psnr": None, "psnr": None, "nonroi_psnr": None, "ms_ssim": None, "haarpsi": None,
-                     "texture_nonroi": 1.0}
+    assert drawn == {"roi_psnr": None, "psnr": None, "weighted_psnr": None, "nonroi_psnr": None, "ms_ssim": None,
+                     "haarpsi": None, "texture_nonroi": 1.0}
     assert {p.split("/")[-1] for p in files["plots"]} >= {"rd_haarpsi.png", "rd_texture_nonroi.png"}
     with open(files["points_csv"]) as f:
         rows = list(csv.DictReader(f))
