@@ -31,40 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.eval.evaluate import jsonable, list_images, to_json  # noqa: E402
-from pipeline.eval.pictures import comparison_pictures  # noqa: E402
-from pipeline.eval.rd import _avg_over_overlap, bd_psnr, bd_rate, rd_sweep  # noqa: E402
+from pipeline.eval.evaluate import jsonable, list_images, to_json
+from pipeline.eval.heldout import scaled_photos_with_saliency
+from pipeline.eval.pictures import comparison_pictures
+from pipeline.eval.rd import _avg_over_overlap, bd_psnr, bd_rate, rd_sweep
 
 TARGET_BD_PSNR_ROI = -1.0
 COMPARED = ("roi_psnr", "psnr", "nonroi_psnr", "texture_nonroi", "texture_roi", "haarpsi", "gmsd")
-
-
-def prepare(images_dir: Path, out: Path, max_side: int) -> tuple[Path, Path]:
-    """Scaled copies of the photos (longest side <= ``max_side``, Lanczos) and their saliency masks."""
-    from pipeline.masks.ops import binarize
-    from pipeline.masks.saliency import get_saliency_model
-
-    img_dir, mask_dir = out / "images", out / "masks"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    mask_dir.mkdir(parents=True, exist_ok=True)
-    saliency = get_saliency_model()
-    for path in list_images(images_dir):
-        target, mask_path = img_dir / f"{path.stem}.png", mask_dir / f"{path.stem}.png"
-        if target.exists() and mask_path.exists():
-            continue
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-        scale = min(1.0, max_side / max(image.size))
-        if scale < 1.0:
-            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
-        image.save(target)
-        mask = binarize(saliency(np.asarray(image)))
-        Image.fromarray((np.asarray(mask) * 255).astype(np.uint8)).save(mask_path)
-    return img_dir, mask_dir
 
 
 def at_same_bpp(anchor: list[dict[str, Any]], test: list[dict[str, Any]], metric: str) -> tuple[float, float]:
@@ -109,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmark_out/perceptual_stage"))
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    img_dir, mask_dir = prepare(args.images, args.out, args.max_side)
+    img_dir, mask_dir = scaled_photos_with_saliency(args.images, args.out, args.max_side)
     sweeps = {}
     for name, ckpt, baselines in (("mse", args.mse, ("jpeg",)), ("perceptual", args.perceptual, ())):
         print(f"[sweep] {name}: {ckpt}", file=sys.stderr)

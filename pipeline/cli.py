@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=KNOBS, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", help="input image (any format Pillow reads)")
     p.add_argument("--checkpoint", default=DEFAULT, metavar="CKPT",
-                   help="model checkpoint (.pt); default: the pretrained model installed with roicodec")
+                   help="model checkpoint (.pt, or a training checkpoint folder: its model.pt); "
+                        "default: the pretrained model installed with roicodec")
     p.add_argument("-o", "--output", required=True, help="output .roic file")
     p.add_argument("--mask", help="ROI mask PNG (white = ROI, resized to the image)")
     p.add_argument("--quality-map", metavar="PNG",

@@ -91,6 +91,21 @@ def test_target_bpp_stays_under_budget(files, capsys):
     assert 8 * roic.stat().st_size / (45 * 67) <= 2.0
 
 
+def test_a_training_checkpoint_folder_names_its_model(files, capsys):
+    root = files["root"]
+    folder = root / "checkpoint_00000100"
+    folder.mkdir()
+    assert_one_line_error(roicodec_in_process(capsys, "compress", files["image"], "--checkpoint", folder,
+                                              "-o", root / "f.roic"), "checkpoint not found", "model.pt")
+    (folder / "model.pt").write_bytes(files["ckpt"].read_bytes())
+    for command in (("compress", files["image"], "-o", root / "f.roic"), ("decompress", root / "f.roic", "-o", root / "f.png")):
+        assert roicodec_in_process(capsys, *command, "--checkpoint", folder).returncode == 0
+    assert roicodec_in_process(capsys, "compress", files["image"], "--checkpoint", files["ckpt"],
+                               "-o", root / "file.roic").returncode == 0
+    assert (root / "f.roic").read_bytes() == (root / "file.roic").read_bytes()
+    assert (root / "f.png").is_file()
+
+
 def test_bad_inputs_get_one_line_errors(files, capsys):
     root, ckpt = files["root"], files["ckpt"]
     assert_one_line_error(roicodec("compress", files["text"], "--checkpoint", ckpt, "-o", root / "a.roic"),

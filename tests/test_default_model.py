@@ -96,3 +96,32 @@ def test_no_default_installed_is_one_line_saying_what_to_do(none_installed, fold
     monkeypatch.setenv(ENV, str(folder / "missing.pt"))
     with pytest.raises(CheckpointError, match=f"\\${ENV} names .*missing.pt, which is not a file"):
         default_checkpoint()
+
+
+def test_the_benchmark_reports_every_target_of_the_installed_model(installed, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "default_model.py"
+    spec = importlib.util.spec_from_file_location("default_model_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = installed / "bench"
+    assert bench.main(["--images", str(installed / "images"), "--rates", "0", "1", "--repeats", "1",
+                       "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["checkpoint"] == str(installed / "default.pt") and result["n_images"] == 1
+    assert result["curves"]["roicodec"] and result["curves"]["learned_uniform"] and result["curves"]["webp"]
+    numbers = [result[f"{kind}_vs_{anchor}"] for kind in ("uniform_bd_rate_psnr", "roi_bd_rate_roi_psnr")
+               for anchor in ("jpeg", "webp", "jpeg2000")]
+    assert all(n is None or isinstance(n, float) for n in numbers)  # None: the curves do not overlap
+    u, r = result["uniform_bd_rate_psnr_vs_jpeg"], result["roi_bd_rate_roi_psnr_vs_webp"]
+    assert isinstance(u, float) and isinstance(r, float)
+    assert result["met"]["uniform_vs_jpeg"] == (u <= -10)
+    assert result["met"]["roi_vs_webp"] == (r <= 0)
+    decode = result["decode"]
+    assert decode["roicodec_s"] > 0 and decode["mean_scale_hyperprior_s"] > 0
+    assert decode["ratio"] == pytest.approx(decode["roicodec_s"] / decode["mean_scale_hyperprior_s"])
+    assert result["met"]["decode_time"] == (decode["ratio"] <= result["decode_ratio_limit"])
+    assert json.loads((out / "default_model.json").read_text())["met"] == result["met"]
+    assert all(Path(p).is_file() for p in result["plots"])

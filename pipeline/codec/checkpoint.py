@@ -40,6 +40,7 @@ from pipeline.codec.models import ROICodec, build_model, rename_prefixes
 CHECKPOINT_FORMAT = "roicodec-checkpoint/3"
 CODING_FORMATS = ("roicodec-checkpoint/2", CHECKPOINT_FORMAT)  # with the coding state
 OLD_FORMATS = ("roicodec-checkpoint/1",)
+MODEL_FILE = "model.pt"  # the checkpoint file in a training checkpoint folder
 CDF_SUFFIX, LENGTH_SUFFIX = "_quantized_cdf", "_cdf_length"
 MAX_PADDING = 64  # a table padded over its rows' own entries: 7.6x at most in our models (trained or not)
 NARROW_MAX = torch.iinfo(torch.int16).max

@@ -14,7 +14,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from pipeline.codec.checkpoint import CheckpointError
+from pipeline.codec.checkpoint import MODEL_FILE, CheckpointError
 
 DEFAULT = "default"
 DEFAULT_FILE = "roicodec-default.pt"
@@ -39,7 +39,9 @@ def default_checkpoint() -> Path:
 
 
 def checkpoint_path(spec: str | os.PathLike | None) -> Path:
-    """``spec`` as a checkpoint path: ``None`` or ``"default"`` is :func:`default_checkpoint`."""
+    """``spec`` as a checkpoint path: ``None`` or ``"default"`` is :func:`default_checkpoint`, a
+    folder (a training checkpoint) its ``model.pt``."""
     if spec is None or str(spec) == DEFAULT:
         return default_checkpoint()
-    return Path(spec)
+    path = Path(spec)
+    return path / MODEL_FILE if path.is_dir() else path

@@ -40,11 +40,10 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
-from pipeline.codec.checkpoint import CheckpointError, checkpoint_state_dict
+from pipeline.codec.checkpoint import MODEL_FILE, CheckpointError, checkpoint_state_dict
 from pipeline.codec.default_model import DEFAULT, default_checkpoint
 from pipeline.codec.models import ROICodec, build_model, rename_prefixes
 
-CHECKPOINT_MODEL_FILE = "model.pt"  # in a training checkpoint folder
 ZOO_PREFIX = "compressai:"
 ZOO_ARCHITECTURE = "mbt2018-mean"
 # The lambdas CompressAI trained its MSE zoo models with, by quality (its documentation).
@@ -202,8 +201,8 @@ def load_init_source(spec: str) -> InitSource:
         digest = _sha256(path)
     else:
         path = Path(spec).expanduser()
-        if path.is_dir() and (path / CHECKPOINT_MODEL_FILE).is_file():  # a training checkpoint folder
-            path = path / CHECKPOINT_MODEL_FILE
+        if path.is_dir() and (path / MODEL_FILE).is_file():  # a training checkpoint folder
+            path = path / MODEL_FILE
         if not path.is_file():
             raise InitError(f"init weights not found: {path}")
         digest = _sha256(path)

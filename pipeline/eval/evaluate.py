@@ -61,7 +61,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.codec.checkpoint import load_checkpoint
+from pipeline.codec.checkpoint import MODEL_FILE, load_checkpoint
 from pipeline.codec.coding import (bits_per_pixel, decode, encode, image_to_tensor, mask_to_tensor,
                                    open_image)
 from pipeline.codec.models import ROICodec
@@ -74,7 +74,6 @@ LEARNED = "roicodec"
 UNIFORM = "learned_uniform"
 DEFAULT_ROI_QUALITY = 0.3
 DEFAULT_RATE = 0.5
-MODEL_FILE = "model.pt"
 
 
 class EvaluationError(ValueError):

@@ -61,8 +61,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from pipeline.codec.checkpoint import (CODING_FORMATS, check_fingerprint, checkpoint_state_dict, read_checkpoint,
-                                       save_checkpoint)
+from pipeline.codec.checkpoint import (CODING_FORMATS, MODEL_FILE, check_fingerprint, checkpoint_state_dict,
+                                       read_checkpoint, save_checkpoint)
 from pipeline.codec.coding import bits_per_pixel as file_bpp
 from pipeline.codec.coding import decode, encode
 from pipeline.codec.models import ROICodec, build_model
@@ -75,7 +75,6 @@ from pipeline.train.steps import StepSettings, learning_rate, make_optimizers, s
 if TYPE_CHECKING:
     import ray.train
 
-MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 DEFAULT_VAL_POINTS = ((1.0, 1.0), (0.0, 1.0), (1.0, 0.0), (0.0, 0.0))
 DEFAULT_CHECKPOINT_EVERY = 500  # steps between checkpoints (TrainConfig's and jobs/train.py's default too)
