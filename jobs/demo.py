@@ -31,11 +31,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="entropy family of the latent (default: the variant's)")
     parser.add_argument("--roi-quality", type=float, default=0.1,
                         help="non-ROI value for the evaluation, in [0,1] (default 0.1)")
+    parser.add_argument("--perceptual-steps", type=int, default=0, metavar="N",
+                        help="after the MSE training, N steps of TLIC's perceptual stage from it (its own run); "
+                             "the pictures then show both models at the same file size (default 0: off)")
     args = parser.parse_args(argv)
+    if args.perceptual_steps < 0:
+        parser.error("--perceptual-steps must be >= 0")
 
     def demo() -> None:
         run_demo(args.out, steps=args.steps, variant=args.variant, roi_quality=args.roi_quality,
-                 entropy=args.entropy, family=args.family)
+                 entropy=args.entropy, family=args.family, perceptual_steps=args.perceptual_steps)
 
     return run_cli(demo, "demo", (ValueError, OSError, RuntimeError))
 

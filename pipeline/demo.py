@@ -14,13 +14,15 @@ Stages, each with progress:
    tracked in a local MLflow store, the model registered there: first on 64 px crops
    (fast), then the same run resumed for a few hundred steps on 128 px crops at lr / 10,
    so that the hyperprior sees more than one hyper-latent cell per crop (see
-   :data:`FINETUNE`);
+   :data:`FINETUNE`); with ``perceptual_steps``, TLIC's perceptual stage from the result
+   (its own run, ``<run>-perceptual``; the VGG losses when torchvision's cache has VGG-16);
 4. evaluate it on the held-out images through real ``.roic`` files against JPEG, WebP
    and JPEG 2000 (RD sweep, BD-rate, plots) and set the MLflow ``champion`` alias
    (:func:`pipeline.eval.rd.select_champion`);
 5. compare with JPEG at the same bpp, image by image, at each rate; write one picture per
-   held-out photo (the original with its ROI outlined, ours, JPEG at the same file size,
-   captioned), and print a summary with the command that serves the trained model.
+   held-out photo (the original with its ROI outlined, ours, the perceptual model at the same
+   file size when there is one, JPEG at that size, captioned), and print a summary with the
+   command that serves the trained model.
 
 Safe to run twice: the photos are rewritten byte for byte, the preprocessing skips
 images it already has, training resumes the same run (and does nothing when it has
@@ -136,14 +138,16 @@ def jpeg_at_matched_bpp(checkpoint: Path, images: Sequence[Path], masks_dir: Pat
 
 
 def side_by_side_pictures(checkpoint: Path, images: Sequence[Path], masks_dir: Path, roi_quality: float,
-                          rate: float, out_dir: Path) -> list[Path]:
-    """One side-by-side PNG per image (:mod:`pipeline.eval.pictures`) from a real file at ``rate``."""
+                          rate: float, out_dir: Path, perceptual: Path | None = None) -> list[Path]:
+    """One side-by-side PNG per image (:mod:`pipeline.eval.pictures`) from a real file at ``rate``;
+    with ``perceptual``, that model's file of the same size next to it."""
     from pipeline.eval.evaluate import load_model
     from pipeline.eval.pictures import comparison_pictures
 
     model, _ = load_model(checkpoint)
-    title = f"ours: {model.variant}, rate {rate:g}, roi-quality {roi_quality:g}"
-    return comparison_pictures([(title, model)], images, masks_dir, roi_quality, rate, out_dir)
+    title = f"ours ({'MSE, ' if perceptual else ''}{model.variant}), rate {rate:g}, roi-quality {roi_quality:g}"
+    models = [(title, model)] + ([("ours, perceptual stage", perceptual)] if perceptual else [])
+    return comparison_pictures(models, images, masks_dir, roi_quality, rate, out_dir)
 
 
 DEMO_STEPS = 4400
@@ -156,11 +160,32 @@ DEMO_STEPS = 4400
 FINETUNE = {"steps": 800, "crop": 128, "batch_size": 4}
 
 
+def perceptual_stage(base: Any, checkpoint: Path, steps: int, crop: int, batch_size: int, lr: float) -> Path:
+    """TLIC's second stage from ``checkpoint`` (:class:`TrainConfig` ``base`` as the MSE run's):
+    its own run ``<run>-perceptual``, resumed when run again; its latest ``model.pt``."""
+    from pipeline.train.perceptual.losses import vgg16_cache_path
+    from pipeline.train.trainer import MODEL_FILE, latest_checkpoint, train
+
+    run_name = f"{base.run_name}-perceptual"
+    latest = latest_checkpoint(base.storage_path, run_name)
+    if latest is not None and latest[0] >= steps:  # a re-run: the stage is done
+        return latest[1] / MODEL_FILE
+    vgg = vgg16_cache_path().is_file()
+    print(f"  perceptual stage: {steps} steps on {crop} px crops from {checkpoint.parent.name}"
+          f" ({'LPIPS and style losses' if vgg else 'no VGG-16 weights in the torch cache: L1, Laplacian, adversarial'})")
+    outcome = train(replace(base, run_name=run_name, stage="perceptual", init=str(checkpoint),
+                            steps=steps, crop=crop, batch_size=batch_size, lr=lr, lr_drop=0.0,
+                            vgg_losses=vgg, checkpoint_every=steps, report_every=max(steps // 10, 1)))
+    if outcome.checkpoint is None:
+        raise RuntimeError("the perceptual stage finished without a checkpoint")
+    return Path(outcome.checkpoint) / MODEL_FILE
+
+
 def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant: str = "tma",
              max_side: int = 512, roi_quality: float = 0.1, model: dict[str, Any] | None = None, lr: float = 1e-3,
              finetune: dict[str, int] | None = None, picture_rate: float = 0.5,
              held_out: Sequence[str] | None = None, entropy: str = "hyperprior",
-             family: str | None = None) -> dict[str, Any]:
+             family: str | None = None, perceptual_steps: int = 0) -> dict[str, Any]:
     """Run the whole pipeline on the real photos; return (and write) the summary.
 
     ``steps`` counts both training stages; ``finetune`` overrides :data:`FINETUNE`
@@ -168,7 +193,8 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant:
     ``picture_rate`` is the rate of the side-by-side pictures; ``held_out`` evaluates on some
     of the held-out photos only (default: all of them); ``entropy`` (the latent structure) and
     ``family`` (the entropy family, default the variant's) choose the model's entropy side (each
-    choice its own training run: ``demo-photos-<variant>[-context][-<family>]``).
+    choice its own training run: ``demo-photos-<variant>[-context][-<family>]``);
+    ``perceptual_steps`` > 0 adds the perceptual stage and its model to the pictures.
     """
     import ray
 
@@ -234,6 +260,8 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant:
         if outcome.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
         checkpoint = Path(outcome.checkpoint) / MODEL_FILE
+        perceptual = (perceptual_stage(base, checkpoint, perceptual_steps, tune["crop"], tune["batch_size"], lr / 10)
+                      if perceptual_steps > 0 else None)
     finally:
         if started:
             ray.shutdown()
@@ -250,8 +278,9 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant:
     _stage(5, f"the codec against JPEG at the same bpp (roi-quality {roi_quality}); pictures")
     matched = jpeg_at_matched_bpp(checkpoint, eval_set.image_files, paths.eval_masks, roi_quality, DEMO_RATES)
     pictures = side_by_side_pictures(checkpoint, eval_set.image_files, paths.eval_masks, roi_quality, picture_rate,
-                                     paths.pictures)
-    summary = {"checkpoint": str(checkpoint), "mlflow_uri": paths.mlflow_uri, "mlflow_run_id": outcome.mlflow_run_id,
+                                     paths.pictures, perceptual)
+    summary = {"checkpoint": str(checkpoint), "perceptual_checkpoint": perceptual and str(perceptual),
+               "mlflow_uri": paths.mlflow_uri, "mlflow_run_id": outcome.mlflow_run_id,
                "champion": champion["alias"], "report": champion["best"].get("files"), "train": outcome.summary(),
                "preprocess": prep, "bd": {champion["criterion"]: champion["best"]["value"]}, "vs_jpeg": matched,
                "pictures": [str(p) for p in pictures],
@@ -266,6 +295,8 @@ def print_summary(summary: dict[str, Any], paths: DemoPaths) -> None:
     report = summary["report"] or {"json": None, "plots": []}
     alias = summary["champion"]
     print(f"\ncheckpoint:  {summary['checkpoint']}")
+    if summary.get("perceptual_checkpoint"):
+        print(f"perceptual:  {summary['perceptual_checkpoint']}")
     print(f"report:      {report.get('json')}")
     print(f"plots:       {', '.join(report.get('plots', []))}")
     print(f"pictures:    {', '.join(summary['pictures'])}")
