@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.codec.checkpoint import checkpoint_extra, load_checkpoint
-from pipeline.data.dataset import (DatasetError, auto_crops_per_image, center_crop, random_crops, row_mask,
+from pipeline.data.dataset import (MAX_AUTO_CROPS, DatasetError, auto_crops_per_image, center_crop, random_crops, row_mask,
                                    rows_to_crops, train_crops_map, training_datasets, validation_ids)
 from pipeline.data.shards import SHARD_SCHEMA
 from pipeline.masks.ops import to_png
@@ -109,6 +109,8 @@ def test_training_map_streams_shuffled_chunks(tmp_path):
     # tiny sets: one epoch covers the run; real sets: one crop per row
     assert auto_crops_per_image(train_rows=10, global_batch=8, steps=100) == 80
     assert auto_crops_per_image(train_rows=100_000, global_batch=8, steps=10_000) == 1
+    # a long run on a few photos: capped (Ray Data's scheduling slows with many passes an epoch)
+    assert auto_crops_per_image(train_rows=19, global_batch=8, steps=50_000) == MAX_AUTO_CROPS == 256
 
 
 
@@ -144,19 +146,24 @@ def test_the_seed_fixes_every_crop_and_its_order(tmp_path, ray_local):
 
     smoke = write_smoke_shards(tmp_path / "smoke", n_images=6, size=96, error_rows=0)
 
-    def epoch(seed: int) -> np.ndarray:
+    def epochs(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first two epochs of one dataset."""
         data = training_datasets(smoke, crop=64, val_crop=64, val_fraction=0.0, crops_per_image=12,
                                  rows_per_task=2, seed=seed)
         data.train.context.execution_options = ordered_ingest()
-        crops = np.concatenate([b["image"] for b in data.train.iter_batches(batch_size=16, batch_format="numpy")])
-        assert crops.shape == (6 * data.crops_per_image, 3, 64, 64)
-        return crops
+        out = []
+        for _ in range(2):
+            crops = np.concatenate([b["image"] for b in data.train.iter_batches(batch_size=16, batch_format="numpy")])
+            assert crops.shape == (6 * data.crops_per_image, 3, 64, 64)
+            out.append(crops)
+        return out[0], out[1]
 
     ctx = DataContext.get_current()
     assert not ctx.execution_options.preserve_order  # what ordered_ingest overrides
-    a, b, c = epoch(0), epoch(0), epoch(1)
-    assert np.array_equal(a, b)
+    (a, a_next), (b, b_next), (c, _) = epochs(0), epochs(0), epochs(1)
+    assert np.array_equal(a, b) and np.array_equal(a_next, b_next)
     assert not np.array_equal(a, c)
+    assert not np.array_equal(a, a_next)  # every epoch draws new crops (the epoch is in the seed)
 
 
 def test_bad_settings_are_one_line_errors(tmp_path):
