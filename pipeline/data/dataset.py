@@ -291,7 +291,7 @@ def train_crops_map(batch: pa.Table, *, val_ids: frozenset[str] | Sequence[str],
 def shard_crops_map(batch: pa.Table, *, rows_per_task: int, **crops: Any) -> Iterable[dict[str, np.ndarray]]:
     """The Ray Data training map over shard files (``file`` and ``seed`` columns): each file
     read with pyarrow, its rows cropped ``rows_per_task`` at a time by :func:`train_crops_map`,
-    with crops seeded by the item's seed and the rows' offset."""
+    with crops seeded by the item's seed, the rows' offset and the epoch (after the first)."""
     epoch = ray_data_epoch()
     for path, seed in zip(batch.column("file").to_pylist(), batch.column("seed").to_pylist()):
         table = read_shards(path, columns=COLUMNS)
@@ -302,8 +302,8 @@ def shard_crops_map(batch: pa.Table, *, rows_per_task: int, **crops: Any) -> Ite
 
 def ray_data_epoch() -> int:
     """How many times the dataset this task belongs to has run before (its epoch), from Ray
-    Data's context (``_execution_idx``, counted by Ray's own execution callback); 0 outside a
-    Ray Data task or where this Ray version does not count."""
+    Data's context (``_execution_idx``, counted by Ray's own execution callback); 0 where this
+    Ray version does not count."""
     try:
         from ray.data import DataContext
     except ImportError:
