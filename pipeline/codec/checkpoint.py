@@ -319,6 +319,12 @@ def _check_tensors(state: Any, path: Path) -> None:
                                   f"but holds {value.untyped_storage().nbytes()} bytes")
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """``path``, or its ``model.pt`` when it is a training checkpoint folder."""
+    path = Path(path)
+    return path / MODEL_FILE if path.is_dir() else path
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The checked blob of a checkpoint file: a dict with a known format, a variant, a config
     within bounds, a state dict of real tensors; CheckpointError otherwise."""

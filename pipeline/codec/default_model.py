@@ -14,7 +14,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from pipeline.codec.checkpoint import MODEL_FILE, CheckpointError
+from pipeline.codec.checkpoint import CheckpointError, checkpoint_file
 
 DEFAULT = "default"
 DEFAULT_FILE = "roicodec-default.pt"
@@ -43,5 +43,4 @@ def checkpoint_path(spec: str | os.PathLike | None) -> Path:
     folder (a training checkpoint) its ``model.pt``."""
     if spec is None or str(spec) == DEFAULT:
         return default_checkpoint()
-    path = Path(spec)
-    return path / MODEL_FILE if path.is_dir() else path
+    return checkpoint_file(spec)

@@ -40,7 +40,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
-from pipeline.codec.checkpoint import MODEL_FILE, CheckpointError, checkpoint_state_dict
+from pipeline.codec.checkpoint import CheckpointError, checkpoint_file, checkpoint_state_dict
 from pipeline.codec.default_model import DEFAULT, default_checkpoint
 from pipeline.codec.models import ROICodec, build_model, rename_prefixes
 
@@ -200,11 +200,10 @@ def load_init_source(spec: str) -> InitSource:
             raise InitError(str(exc)) from None
         digest = _sha256(path)
     else:
-        path = Path(spec).expanduser()
-        if path.is_dir() and (path / MODEL_FILE).is_file():  # a training checkpoint folder
-            path = path / MODEL_FILE
+        given = Path(spec).expanduser()
+        path = checkpoint_file(given)  # a training checkpoint folder: its model.pt
         if not path.is_file():
-            raise InitError(f"init weights not found: {path}")
+            raise InitError(f"init weights not found: {given}")
         digest = _sha256(path)
     blob = _read(path)
     if isinstance(blob, dict) and str(blob.get("format", "")).startswith("roicodec-checkpoint/"):

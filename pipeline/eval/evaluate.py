@@ -61,7 +61,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.codec.checkpoint import MODEL_FILE, load_checkpoint
+from pipeline.codec.checkpoint import checkpoint_file, load_checkpoint
 from pipeline.codec.coding import (bits_per_pixel, decode, encode, image_to_tensor, mask_to_tensor,
                                    open_image)
 from pipeline.codec.models import ROICodec
@@ -84,9 +84,7 @@ class EvaluationError(ValueError):
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file; a folder (a Ray Train checkpoint) means its ``model.pt``."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / MODEL_FILE
+    p = checkpoint_file(path)
     if not p.is_file():
         raise EvaluationError(f"checkpoint not found: {path}")
     return p
