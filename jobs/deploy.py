@@ -1,6 +1,6 @@
 """Deploy the ROI codec HTTP service (Ray Serve) with the web page. See ``--help``.
 
-Locally: ``python jobs/deploy.py --checkpoint demo_out/runs/demo-photos-tma/checkpoint_00004400/model.pt``
+Locally: ``python jobs/deploy.py --checkpoint demo_out/runs/demo-photos-tma-from-default/checkpoint_00000600/model.pt``
 (the demo's model; starts a local Ray if none is running, deploys, prints the URL, serves
 until Ctrl-C). The MLflow
 champion: ``python jobs/deploy.py --model-uri models:/roicodec-tma@champion

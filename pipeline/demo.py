@@ -10,19 +10,22 @@ Stages, each with progress:
 2. start a local Ray and precompute ROI masks into Parquet shards with Ray Data
    (:func:`pipeline.data.preprocess.preprocess`): from the COCO annotations (one row per
    photo, all its objects as the ROI) and, for the textures, the saliency map;
-3. train a small codec with Ray Train on CPU (:func:`pipeline.train.trainer.train`),
-   tracked in a local MLflow store, the model registered there: first on 64 px crops
-   (fast), then the same run resumed for a few hundred steps on 128 px crops at lr / 10,
-   so that the hyperprior sees more than one hyper-latent cell per crop (see
-   :data:`FINETUNE`); with ``perceptual_steps``, TLIC's perceptual stage from the result
-   (its own run, ``<run>-perceptual``; the VGG losses when torchvision's cache has VGG-16);
+3. fine-tune the pretrained default model (:mod:`pipeline.codec.default_model`) on these
+   photos with Ray Train on CPU (:func:`pipeline.train.trainer.train`; :data:`FROM_INIT`), or,
+   with ``init=None``, train a small codec from scratch: first on 64 px crops (fast), then the
+   same run resumed for a few hundred steps on 128 px crops at lr / 10, so that the hyperprior
+   sees more than one hyper-latent cell per crop (see :data:`FINETUNE`); tracked in a local
+   MLflow store, the model registered there; with ``perceptual_steps``, TLIC's perceptual stage
+   from the result (its own run, ``<run>-perceptual``; the VGG losses when torchvision's cache
+   has VGG-16);
 4. evaluate it on the held-out images through real ``.roic`` files against JPEG, WebP
    and JPEG 2000 (RD sweep, BD-rate, plots) and set the MLflow ``champion`` alias
    (:func:`pipeline.eval.rd.select_champion`);
 5. compare with JPEG at the same bpp, image by image, at each rate; write one picture per
    held-out photo (the original with its ROI outlined, ours, the perceptual model at the same
    file size when there is one, JPEG at that size, captioned), and print a summary with the
-   command that serves the trained model.
+   command that serves the trained model (and, for a fine-tuned model, the same table for the
+   model it started from).
 
 Safe to run twice: the photos are rewritten byte for byte, the preprocessing skips
 images it already has, training resumes the same run (and does nothing when it has
@@ -42,7 +45,7 @@ from PIL import Image
 
 from pipeline.mlflow_store import sqlite_store
 
-DEFAULT_MODEL = {"N": 64, "M": 96, "n_rates": 3}
+SCRATCH_MODEL = {"N": 64, "M": 96, "n_rates": 3}  # the from-scratch model
 DEMO_RATES = (0.0, 0.25, 0.5, 0.75, 1.0)
 EXPERIMENT = "roicodec-demo"
 
@@ -150,14 +153,69 @@ def side_by_side_pictures(checkpoint: Path, images: Sequence[Path], masks_dir: P
     return comparison_pictures(models, images, masks_dir, roi_quality, rate, out_dir)
 
 
-DEMO_STEPS = 4400
-# The fine-tune stage, resumed in the same run: 64 px crops give the hyper-latent z (stride
-# 64) a single cell, so its entropy model never learns how neighbouring cells combine, and on
-# whole images it mispredicts the latent scales. On the demo's images, coding 64 px tiles of an
-# image took 2.7x fewer bits than coding it whole at the same ROI PSNR; a few hundred steps on
-# 128 px crops (2x2 cells) remove that gap; 800 rather than 400 of them gave the ROI another
+DEMO_INIT = "default"  # the demo fine-tunes the pretrained default model (pipeline.codec.default_model)
+# Fine-tuning from the default model: one stage on 128 px crops at a low rate (the default model
+# was trained at 3e-4 on the same crops), the last 20% at lr / 10.
+FROM_INIT = {"steps": 600, "crop": 128, "batch_size": 8, "lr": 1e-4}
+SCRATCH_STEPS = 4400  # from scratch (``init=None``): a small model, two stages
+# The second stage from scratch, resumed in the same run: 64 px crops give the hyper-latent z
+# (stride 64) a single cell, so its entropy model never learns how neighbouring cells combine,
+# and on whole images it mispredicts the latent scales. On the demo's images, coding 64 px tiles
+# of an image took 2.7x fewer bits than coding it whole at the same ROI PSNR; a few hundred steps
+# on 128 px crops (2x2 cells) remove that gap; 800 rather than 400 of them gave the ROI another
 # ~0.5 dB at the highest rate (in-memory runs from the same first-stage checkpoint).
 FINETUNE = {"steps": 800, "crop": 128, "batch_size": 4}
+
+
+def init_source(init: str) -> tuple[Path | None, dict[str, int]]:
+    """What ``init`` names (``default``: the installed model; anything ``--init`` takes): its
+    roicodec checkpoint file, the model the demo compares its fine-tuned one with (None for
+    CompressAI's weights), and its number of rate points as model options. ``InitError`` when
+    the weights are missing."""
+    from pipeline.codec.warm_start import load_init_source
+
+    source = load_init_source(init)
+    if source.kind != "roicodec":
+        return None, {}
+    n_rates = source.model_config.get("n_rates")
+    return source.path, ({"n_rates": int(n_rates)} if n_rates else {})
+
+
+def training_stages(base: Any, steps: int, lr: float, from_init: bool, finetune: dict[str, int] | None,
+                    max_side: int) -> list[Any]:
+    """The demo's training as :class:`TrainConfig` stages of one run, each resumed from the last
+    (``base`` gives the run, the data and the model). From an init: :data:`FROM_INIT`'s one
+    stage. From scratch: 64 px crops (a quarter of the cost of 128 px ones per step), half of
+    them centred on an object (the objects are small), the last 20% at lr / 10; then
+    ``finetune`` (over :data:`FINETUNE`; ``steps`` 0 skips it) on larger crops at lr / 10."""
+    crop_cap = max_side // 64 * 64
+    if from_init:
+        return [replace(base, steps=steps, crop=min(FROM_INIT["crop"], crop_cap), batch_size=FROM_INIT["batch_size"],
+                        lr=lr, lr_drop=0.2, checkpoint_every=max(steps // 3, 1))]
+    tune = {**FINETUNE, **(finetune or {})}
+    tune.update(steps=min(tune["steps"], steps // 2), crop=min(tune["crop"], crop_cap))
+    first = replace(base, steps=steps - tune["steps"], batch_size=8, crop=64, lr=lr, lr_drop=0.2, aux_lr=1e-2,
+                    checkpoint_every=max(steps // 3, 1))
+    if tune["steps"] == 0:
+        return [first]
+    return [first, replace(first, steps=steps, crop=tune["crop"], batch_size=tune["batch_size"], lr=lr / 10,
+                           lr_drop=0.0, checkpoint_every=tune["steps"])]
+
+
+def run_stages(stages: Sequence[Any]) -> Any:
+    """Train the stages in turn (one run); a stage the run is already past is skipped, except the
+    last, which a re-run resumes (and finds done). The last stage's outcome."""
+    from pipeline.train.trainer import latest_checkpoint, train
+
+    outcome = None
+    for i, stage in enumerate(stages):
+        latest = latest_checkpoint(stage.storage_path, stage.run_name)
+        if i == len(stages) - 1 or latest is None or latest[0] < stage.steps:
+            if i > 0:
+                print(f"  then {stage.steps - stages[i - 1].steps} steps on {stage.crop} px crops at lr {stage.lr:g}"
+                      f" (same run)")
+            outcome = train(stage)
+    return outcome
 
 
 def perceptual_stage(base: Any, checkpoint: Path, steps: int, crop: int, batch_size: int, lr: float) -> Path:
@@ -181,19 +239,23 @@ def perceptual_stage(base: Any, checkpoint: Path, steps: int, crop: int, batch_s
     return Path(outcome.checkpoint) / MODEL_FILE
 
 
-def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant: str = "tma",
-             max_side: int = 512, roi_quality: float = 0.1, model: dict[str, Any] | None = None, lr: float = 1e-3,
-             finetune: dict[str, int] | None = None, picture_rate: float = 0.5,
-             held_out: Sequence[str] | None = None, entropy: str = "hyperprior",
-             family: str | None = None, perceptual_steps: int = 0) -> dict[str, Any]:
+def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, variant: str = "tma",
+             max_side: int = 512, roi_quality: float = 0.1, model: dict[str, Any] | None = None,
+             lr: float | None = None, finetune: dict[str, int] | None = None, picture_rate: float = 0.5,
+             held_out: Sequence[str] | None = None, entropy: str | None = None,
+             family: str | None = None, perceptual_steps: int = 0, init: str | None = DEMO_INIT) -> dict[str, Any]:
     """Run the whole pipeline on the real photos; return (and write) the summary.
 
-    ``steps`` counts both training stages; ``finetune`` overrides :data:`FINETUNE`
-    (``steps`` 0 skips the stage); ``max_side`` bounds the photos' longer side;
-    ``picture_rate`` is the rate of the side-by-side pictures; ``held_out`` evaluates on some
-    of the held-out photos only (default: all of them); ``entropy`` (the latent structure) and
-    ``family`` (the entropy family, default the variant's) choose the model's entropy side (each
-    choice its own training run: ``demo-photos-<variant>[-context][-<family>]``);
+    ``init`` (default ``"default"``, the pretrained default model; anything ``--init`` takes)
+    is the model the demo fine-tunes for ``steps`` (default :data:`FROM_INIT`'s) at ``lr``
+    (default 1e-4), and compares with the result; ``init=None`` trains a small model from
+    scratch instead (``steps`` default :data:`SCRATCH_STEPS` in two stages, ``finetune``
+    overriding :data:`FINETUNE`, ``lr`` default 1e-3). ``model`` gives the model's options
+    (from an init: the weights' by default); ``entropy`` (the latent structure) and ``family``
+    (the entropy family) override them (each choice its own training run:
+    ``demo-photos-<variant>[-<entropy>][-<family>][-from-<init>]``). ``max_side`` bounds the
+    photos' longer side; ``picture_rate`` is the rate of the side-by-side pictures; ``held_out``
+    evaluates on some of the held-out photos only (default: all of them);
     ``perceptual_steps`` > 0 adds the perceptual stage and its model to the pictures.
     """
     import ray
@@ -204,8 +266,9 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant:
     from pipeline.eval.evaluate import EvaluationError
     from pipeline.eval.rd import DEFAULT_CRITERION, select_champion
     from pipeline.ray_session import ensure_ray
-    from pipeline.train.trainer import MODEL_FILE, TrainConfig, latest_checkpoint, train
+    from pipeline.train.trainer import MODEL_FILE, TrainConfig
 
+    start, init_options = init_source(init) if init is not None else (None, {})  # before anything runs
     paths = DemoPaths(Path(out_dir).resolve())
     _stage(1, f"real photos (scikit-image's samples) -> {paths.root / 'data'}")
     objects = [n for n in TRAIN if n in OBJECTS]
@@ -230,37 +293,38 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant:
         print(f"  rows written {prep['rows_written']}, already there {prep['skipped_keys']}, "
               f"errors {prep['error_rows']}")
 
-        tune = {**FINETUNE, **(finetune or {})}
-        tune.update(steps=min(tune["steps"], steps // 2), crop=min(tune["crop"], max_side // 64 * 64))
-        _stage(3, f"training a small {variant} codec ({entropy}) with Ray Train ({steps} steps, CPU)")
-        model = dict(model or {**DEFAULT_MODEL, **MODELS[variant].SMALL})
-        if entropy != "hyperprior":
+        if init is not None:
+            steps = FROM_INIT["steps"] if steps is None else steps
+            lr = FROM_INIT["lr"] if lr is None else lr
+            model = dict(model or init_options)
+            origin = "-from-" + (init.replace(":", "-") if start is None or init == DEMO_INIT else Path(init).stem)
+            _stage(3, f"fine-tuning {init} ({variant}) with Ray Train ({steps} steps, CPU)")
+        else:
+            steps = SCRATCH_STEPS if steps is None else steps
+            lr = 1e-3 if lr is None else lr
+            model = dict(model or {**SCRATCH_MODEL, **MODELS[variant].SMALL})
+            origin = ""
+            _stage(3, f"training a small {variant} codec ({entropy or 'hyperprior'}) with Ray Train "
+                      f"({steps} steps, CPU)")
+        if entropy is not None:
             model["entropy"] = entropy
         model.update(family_options(variant, family))
-        run_name = "-".join([f"demo-photos-{variant}", *([entropy] if entropy != "hyperprior" else []),
-                             *([model["family"]] if "family" in model else [])])
+        run_name = "-".join([f"demo-photos-{variant}", *([entropy] if entropy not in (None, "hyperprior") else []),
+                             *([model["family"]] if "family" in model else [])]) + origin
         base = TrainConfig(
-            shards=str(paths.shards), variant=variant, model=model, steps=steps - tune["steps"],
-            # 64 px crops (a quarter of the cost of 128 px ones per step), half of them
-            # centred on an object (the objects are small), the last 20% of the steps at lr / 10
-            batch_size=8, crop=64, val_crop=128, roi_crop_fraction=0.5, lr=lr, lr_drop=0.2, aux_lr=1e-2,
-            checkpoint_every=max(steps // 3, 1),
+            shards=str(paths.shards), variant=variant, model=model, init=init, val_crop=128, roi_crop_fraction=0.5,
             report_every=max(steps // 50, 1), keep=2, num_workers=1, cpus_per_worker=1.0,
-            # one thread: on 2 cores, a second intra-op thread made these small steps ~15% slower
-            torch_threads=1, run_name=run_name,
-            storage_path=str(paths.runs),
-            mlflow_uri=paths.mlflow_uri, experiment=EXPERIMENT)
-        latest = latest_checkpoint(str(paths.runs), base.run_name)
-        if tune["steps"] == 0 or latest is None or latest[0] < base.steps:
-            outcome = train(base)  # (a re-run skips it: the run is past this stage)
-        if tune["steps"] > 0:
-            print(f"  fine-tuning {tune['steps']} steps on {tune['crop']} px crops at lr / 10 (same run)")
-            outcome = train(replace(base, steps=steps, crop=tune["crop"], batch_size=tune["batch_size"],
-                                    lr=lr / 10, lr_drop=0.0, checkpoint_every=tune["steps"]))
+            # one thread for the small model: on 2 cores a second intra-op thread made its small
+            # steps ~15% slower; two for the default model's size
+            torch_threads=2 if init is not None else 1, run_name=run_name,
+            storage_path=str(paths.runs), mlflow_uri=paths.mlflow_uri, experiment=EXPERIMENT)
+        stages = training_stages(base, steps, lr, init is not None, finetune, max_side)
+        outcome = run_stages(stages)
         if outcome.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
         checkpoint = Path(outcome.checkpoint) / MODEL_FILE
-        perceptual = (perceptual_stage(base, checkpoint, perceptual_steps, tune["crop"], tune["batch_size"], lr / 10)
+        perceptual = (perceptual_stage(stages[0], checkpoint, perceptual_steps, stages[-1].crop,
+                                       stages[-1].batch_size, lr / 10)
                       if perceptual_steps > 0 else None)
     finally:
         if started:
@@ -277,12 +341,15 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = DEMO_STEPS, variant:
 
     _stage(5, f"the codec against JPEG at the same bpp (roi-quality {roi_quality}); pictures")
     matched = jpeg_at_matched_bpp(checkpoint, eval_set.image_files, paths.eval_masks, roi_quality, DEMO_RATES)
+    before = (jpeg_at_matched_bpp(start, eval_set.image_files, paths.eval_masks, roi_quality, DEMO_RATES)
+              if start is not None else None)
     pictures = side_by_side_pictures(checkpoint, eval_set.image_files, paths.eval_masks, roi_quality, picture_rate,
                                      paths.pictures, perceptual)
     summary = {"checkpoint": str(checkpoint), "perceptual_checkpoint": perceptual and str(perceptual),
                "mlflow_uri": paths.mlflow_uri, "mlflow_run_id": outcome.mlflow_run_id,
                "champion": champion["alias"], "report": champion["best"].get("files"), "train": outcome.summary(),
                "preprocess": prep, "bd": {champion["criterion"]: champion["best"]["value"]}, "vs_jpeg": matched,
+               "init": init, "init_vs_jpeg": before,
                "pictures": [str(p) for p in pictures],
                "serve": f"python jobs/deploy.py --checkpoint {checkpoint}"}
     (paths.root / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -306,10 +373,18 @@ def print_summary(summary: dict[str, Any], paths: DemoPaths) -> None:
               f"(alias @{alias['alias']})")
     for key, value in summary["bd"].items():
         print(f"{key}: {value:+.1f}%" if math.isfinite(value) else f"{key}: n/a (curves do not overlap)")
-    print(f"\n{'rate':>5} {'bpp':>6} {'ROI PSNR':>9} {'PSNR':>6} {'JPEG bpp':>9} {'JPEG ROI':>9} {'JPEG PSNR':>9} "
-          f"{'ROI gain':>8}")
-    for r in summary["vs_jpeg"]:
-        print(f"{r['rate']:>5.2f} {r['bpp']:>6.3f} {r['roi_psnr']:>9.2f} {r['psnr']:>6.2f} {r['jpeg_bpp']:>9.3f} "
-              f"{r['jpeg_roi_psnr']:>9.2f} {r['jpeg_psnr']:>9.2f} {r['roi_psnr'] - r['jpeg_roi_psnr']:>+8.2f}")
+    _print_rows("the trained model", summary["vs_jpeg"])
+    if summary.get("init_vs_jpeg"):
+        _print_rows(f"the model it started from ({summary['init']}), for comparison", summary["init_vs_jpeg"])
     print(f"\nsummary:     {paths.root / 'summary.json'}")
     print(f"serve it:    {summary['serve']}   # then open http://127.0.0.1:8000/")
+
+
+def _print_rows(title: str, rows: Sequence[dict[str, float]]) -> None:
+    """One table of :func:`jpeg_at_matched_bpp` rows."""
+    print(f"\n{title} against JPEG at the same bpp:")
+    print(f"{'rate':>5} {'bpp':>6} {'ROI PSNR':>9} {'PSNR':>6} {'JPEG bpp':>9} {'JPEG ROI':>9} {'JPEG PSNR':>9} "
+          f"{'ROI gain':>8}")
+    for r in rows:
+        print(f"{r['rate']:>5.2f} {r['bpp']:>6.3f} {r['roi_psnr']:>9.2f} {r['psnr']:>6.2f} {r['jpeg_bpp']:>9.3f} "
+              f"{r['jpeg_roi_psnr']:>9.2f} {r['jpeg_psnr']:>9.2f} {r['roi_psnr'] - r['jpeg_roi_psnr']:>+8.2f}")
