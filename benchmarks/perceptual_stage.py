@@ -7,7 +7,7 @@ longest side is at most ``--max-side`` (512 px, fixed before the first run: CPU 
 ROI is the weight-free saliency map (``mbd``) binarised at 0.5. Both models are swept through
 real ``.roic`` files at ``--roi-quality`` (0.1) over ``--rates`` (:func:`pipeline.eval.rd.rd_sweep`,
 JPEG as the reference curve), then compared at the same bpp (fitted curves, averaged over the
-bpp range both cover, as Bjøntegaard does):
+bpp range both cover, as Bjøntegaard does; ``same_bpp_range`` says which):
 
 - BD-PSNR on ROI PSNR, perceptual against MSE (target: at least -1 dB);
 - the background's texture ratio (1 = as detailed as the original) of each, and its move toward 1;
@@ -60,8 +60,10 @@ def compare(anchor: list[dict[str, Any]], test: list[dict[str, Any]], names: tup
 
     def args(key):
         return [p["bpp"] for p in anchor], [p[key] for p in anchor], [p["bpp"] for p in test], [p[key] for p in test]
+    a_bpp, t_bpp = [p["bpp"] for p in anchor], [p["bpp"] for p in test]
     out: dict[str, Any] = {"bd_psnr_roi": bd_psnr(*args("roi_psnr")), "bd_rate_roi": bd_rate(*args("roi_psnr")),
-                           "bd_psnr": bd_psnr(*args("psnr"))}
+                           "bd_psnr": bd_psnr(*args("psnr")),
+                           "same_bpp_range": [max(min(a_bpp), min(t_bpp)), min(max(a_bpp), max(t_bpp))]}
     for metric in COMPARED:
         a, t = at_same_bpp(anchor, test, metric)
         out[metric] = {a_name: a, t_name: t}
@@ -81,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-side", type=int, default=512, help="longest side of the scaled photos (px)")
     p.add_argument("--roi-quality", type=float, default=0.1)
     p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.33, 0.67, 1.0])
-    p.add_argument("--picture-rate", type=float, default=0.33, help="the MSE model's rate in the pictures")
+    p.add_argument("--picture-rate", type=float, default=1.0,
+                   help="the MSE model's rate in the pictures (default its top one: a perceptual stage moves "
+                        "the rate points up, and the perceptual model's files must reach the MSE file's size)")
     p.add_argument("--out", type=Path, default=Path("benchmark_out/perceptual_stage"))
     args = p.parse_args(argv)
     t0 = time.perf_counter()

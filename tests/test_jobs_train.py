@@ -65,14 +65,17 @@ def test_config_file_gives_the_options_and_the_command_line_overrides_it(tmp_pat
                                                                                       "context")
     assert (c.batch_size, c.lr_drop, c.torch_threads, c.use_gpu, c.run_name) == (16, 0.2, 2, False, "from-file")
     assert c.steps == 10_000 and c.crop == 256  # not in the file: the parser's defaults
-    cfg.write_text("use-gpu: true\n")
-    assert parse_args(["--config", str(cfg)]).use_gpu
+    cfg.write_text("use-gpu: true\nrate-points: [0, 1]\nroi-quality-range: [0, 0.3]\n")
+    c = config_from_args(parse_args(["--config", str(cfg), "--storage-path", str(tmp_path)]))
+    assert c.use_gpu and c.rate_points == [0, 1] and c.roi_quality_range == (0.0, 0.3)
 
 
 @pytest.mark.parametrize("text, message", [
     ("batch-sise: 4\n", "unknown option 'batch-sise'"),
     ("config: other.yaml\n", "unknown option 'config'"),
     ("crop: [128, 256]\n", "crop takes one value"),
+    ("roi-quality-range: [0.3]\n", "expected 2 arguments"),
+    ("rate-points: [0, one]\n", "invalid int value: 'one'"),
     ("smoke: 1\n", "smoke is a flag"),
     ("- steps\n", "expected a mapping"),
     ("variant: nope\n", "invalid choice: 'nope'"),
@@ -135,3 +138,11 @@ def test_smoke_run_end_to_end_and_loss_falls(tmp_path):
     last_val = {k: max(c.get_metric_history(out["mlflow_run_id"], f"rd/q0_r1/{k}"), key=lambda m: m.step).value
                 for k in ("roi_psnr", "nonroi_psnr")}
     assert last_val["roi_psnr"] > last_val["nonroi_psnr"] + 1.0, last_val
+
+
+def test_committed_perceptual_stage_config_parses():
+    from pipeline.train.trainer import config_from_args, parse_args
+
+    c = config_from_args(parse_args(["--config", str(ROOT / "configs" / "perceptual_stage.yaml")]))
+    assert (c.stage, c.init, c.vgg_losses, c.disc_width, c.disc_warmup) == ("perceptual", "default", False, 16, 500)
+    assert (c.rate_points, c.roi_quality_range, c.uniform_fraction) == ([0, 1], (0.0, 0.3), 0.0)

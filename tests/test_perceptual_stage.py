@@ -43,6 +43,50 @@ def test_the_discriminator_step_is_the_discriminator_loss_in_one_forward():
     assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))  # it stepped
 
 
+def _snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _changed(before: list[torch.Tensor], module: torch.nn.Module) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_the_warm_up_trains_the_discriminator_alone_and_resumes_where_it_was(tmp_path):
+    """``disc_warmup`` steps from the stage's first step leave the codec as it was and step the
+    discriminator; the step after them trains both; a stage rebuilt from the saved
+    ``discriminator.pt`` keeps counting from the same first step."""
+    import random
+
+    from pipeline.train.perceptual.stage import PerceptualStage
+    from pipeline.train.steps import StepSettings
+
+    torch.manual_seed(0)
+    codec = build_model("tlic", **TINY).train()
+    config = {"vgg_losses": False, "disc_warmup": 2, "disc_width": 8}
+    stage = PerceptualStage(config, codec.M, torch.device("cpu"))
+    opt = torch.optim.Adam([p for n, p in codec.named_parameters() if not n.endswith("quantiles")], lr=1e-3)
+    aux = torch.optim.Adam([p for n, p in codec.named_parameters() if n.endswith("quantiles")], lr=1e-3)
+    settings, rng = StepSettings(n_rates=2), random.Random(0)
+    x, mask = torch.rand(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.5).float()
+
+    def step(s: int) -> tuple[bool, bool, dict[str, float]]:
+        codec_before, disc_before = _snapshot(codec), _snapshot(stage.disc)
+        metrics = stage.step(codec, x, mask, opt, aux, settings, rng, step=s)
+        return _changed(codec_before, codec), _changed(disc_before, stage.disc), metrics
+
+    for s in (10, 11):  # a stage resumed from an MSE checkpoint at step 10: the warm-up is 10 and 11
+        codec_moved, disc_moved, metrics = step(s)
+        assert not codec_moved and disc_moved and "loss" not in metrics and 0 <= metrics["disc_accuracy"] <= 1
+    codec_moved, disc_moved, metrics = step(12)
+    assert codec_moved and disc_moved and math.isfinite(metrics["adv"])
+
+    fresh = PerceptualStage(config, codec.M, torch.device("cpu"))
+    assert fresh.warming_up(12)  # a new stage starting at 12 warms up first
+    stage.save(tmp_path / DISC_FILE, 11)
+    resumed = PerceptualStage(config, codec.M, torch.device("cpu"), torch.load(tmp_path / DISC_FILE, weights_only=True))
+    assert resumed.warming_up(11) and not resumed.warming_up(12)
+
+
 def test_loss_weights_are_checked():
     assert perceptual_weights({"adv": 0.0}).adv == 0.0 and perceptual_weights(None).mse == 150.0
     with pytest.raises(ValueError, match="unknown perceptual loss weight 'gan'"):

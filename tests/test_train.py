@@ -173,6 +173,27 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         TrainConfig().resolved()
     with pytest.raises(DatasetError, match="not found"):
         training_datasets(tmp_path / "missing")
+    with pytest.raises(TrainError, match="roi-quality range low <= high"):
+        TrainConfig(shards=str(tmp_path), roi_quality_range=(0.5, 0.2)).resolved()
+    with pytest.raises(TrainError, match=r"rate points must be among 0..3, got \[4\]"):
+        TrainConfig(shards=str(tmp_path), model={"n_rates": 4}, rate_points=[4]).resolved()
+
+
+def test_steps_draw_their_knobs_from_the_given_ranges():
+    import random
+
+    from pipeline.train.steps import StepSettings, sample_knobs
+
+    rng = random.Random(0)
+    narrow = StepSettings(n_rates=4, max_roi_quality=0.3, uniform_fraction=0.0, rate_points=(0, 1))
+    draws = [sample_knobs(narrow, 8, rng) for _ in range(200)]
+    assert {r for r, _ in draws} == {0, 1}
+    qs = torch.cat([q for _, q in draws])
+    assert float(qs.min()) >= 0.0 and float(qs.max()) <= 0.3 and float(qs.max()) > 0.25
+    default = [sample_knobs(StepSettings(n_rates=4), 8, rng) for _ in range(200)]
+    assert {r for r, _ in default} == {0, 1, 2, 3} and float(torch.cat([q for _, q in default]).max()) == 1.0
+    with pytest.raises(ValueError, match="rate points must be among 0..1"):
+        StepSettings(n_rates=2, rate_points=(2,))
 
 
 # -- Ray Train runs ------------------------------------------------------------------------------

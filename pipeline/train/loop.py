@@ -353,8 +353,11 @@ def _setup_worker(config: dict[str, Any]) -> _Worker:
     if state:
         optimizer.load_state_dict(state["optimizer"])
         aux_optimizer.load_state_dict(state["aux_optimizer"])
+    lo, hi = config.get("roi_quality_range") or (0.0, 1.0)
     settings = StepSettings(n_rates=codec.n_rates, lambda_low=config["lambda_low"],
-                            lambda_high=config["lambda_high"])
+                            lambda_high=config["lambda_high"], min_roi_quality=lo, max_roi_quality=hi,
+                            uniform_fraction=config.get("uniform_fraction", 0.25),
+                            rate_points=config.get("rate_points"))
     loss_fn = ROIRateDistortionLoss(omega=config["omega"], normalize=config["lambda_norm"],
                                     ms_ssim_weight=config["ms_ssim_weight"])
     perceptual = None
@@ -472,7 +475,7 @@ def _train_step(w: _Worker, step: int, x: torch.Tensor, m: torch.Tensor) -> dict
     """One step at the learning rate of its place in the schedule; its metrics."""
     set_learning_rate(w.optimizer, learning_rate(step, w.total, w.config["lr"], w.config["lr_drop"]))
     if w.perceptual is not None:
-        return w.perceptual.step(w.net, x, m, w.optimizer, w.aux_optimizer, w.settings, w.rng, amp=w.amp)
+        return w.perceptual.step(w.net, x, m, w.optimizer, w.aux_optimizer, w.settings, w.rng, amp=w.amp, step=step)
     return train_step(w.net, x, m, w.loss_fn, w.optimizer, w.aux_optimizer, w.settings, w.rng, amp=w.amp)
 
 

@@ -28,8 +28,21 @@ class StepSettings:
     lambda_low: float = 0.0035
     lambda_high: float = 0.0483
     min_roi_quality: float = 0.0
+    max_roi_quality: float = 1.0
     uniform_fraction: float = 0.25  # share of images trained with Q = 1 (ROI off)
     clip_norm: float = 1.0
+    rate_points: tuple[int, ...] | None = None  # the rate points a batch draws from (None: all)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_roi_quality <= self.max_roi_quality <= 1.0:
+            raise ValueError(f"need 0 <= min roi-quality <= max roi-quality <= 1, got "
+                             f"{self.min_roi_quality}, {self.max_roi_quality}")
+        if not 0.0 <= self.uniform_fraction <= 1.0:
+            raise ValueError(f"uniform fraction must be in [0, 1], got {self.uniform_fraction}")
+        if self.rate_points is not None:
+            self.rate_points = tuple(int(r) for r in self.rate_points)
+            if not self.rate_points or not all(0 <= r < self.n_rates for r in self.rate_points):
+                raise ValueError(f"rate points must be among 0..{self.n_rates - 1}, got {list(self.rate_points)}")
 
 
 def learning_rate(step: int, total: int, lr: float, drop_fraction: float) -> float:
@@ -49,9 +62,10 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def sample_knobs(settings: StepSettings, batch: int, rng: random.Random
                  ) -> tuple[int, torch.Tensor]:
     """A random rate point for the batch and a random non-ROI value Q for each image."""
-    rate_index = rng.randrange(settings.n_rates)
+    points = settings.rate_points
+    rate_index = rng.choice(points) if points else rng.randrange(settings.n_rates)
     q = [1.0 if rng.random() < settings.uniform_fraction
-         else rng.uniform(settings.min_roi_quality, 1.0) for _ in range(batch)]
+         else rng.uniform(settings.min_roi_quality, settings.max_roi_quality) for _ in range(batch)]
     return rate_index, torch.tensor(q)
 
 

@@ -130,6 +130,9 @@ class TrainConfig:
     lambda_low: float = 0.0035
     lambda_high: float = 0.0483
     omega: float = 3.0
+    roi_quality_range: tuple[float, float] = (0.0, 1.0)  # the non-ROI values Q a step draws from
+    uniform_fraction: float = 0.25  # share of images trained with Q = 1 (ROI off)
+    rate_points: list[int] | None = None  # the rate points a step draws from (None: all)
     lambda_norm: str = "roi"  # see pipeline.train.loss
     ms_ssim_weight: float = 0.0
     stage: str = "mse"  # "perceptual": the second stage (pipeline.train.perceptual.stage)
@@ -138,6 +141,7 @@ class TrainConfig:
     vgg_weights: str | None = None  # default: torchvision's cache
     disc_lr: float = 1e-4
     disc_width: int = 32
+    disc_warmup: int = 0  # perceptual stage: its first steps train the discriminator alone
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     report_every: int = DEFAULT_REPORT_EVERY
     keep: int = 3
@@ -186,8 +190,9 @@ class TrainConfig:
             raise TrainError(str(exc)) from None
         suffix = "-perceptual" if c.stage == "perceptual" else ""
         c.registered_model = c.registered_model or f"roicodec-{c.variant}{suffix}"
-        if c.disc_lr <= 0 or c.disc_width < 1:
-            raise TrainError(f"need disc_lr > 0 and disc_width >= 1, got {c.disc_lr}, {c.disc_width}")
+        if c.disc_lr <= 0 or c.disc_width < 1 or c.disc_warmup < 0:
+            raise TrainError(f"need disc_lr > 0, disc_width >= 1 and disc_warmup >= 0, got {c.disc_lr}, "
+                             f"{c.disc_width}, {c.disc_warmup}")
         for name in ("steps", "batch_size", "checkpoint_every", "report_every", "keep", "num_workers"):
             if getattr(c, name) < 1:
                 raise TrainError(f"{name} must be at least 1, got {getattr(c, name)}")
@@ -197,6 +202,14 @@ class TrainConfig:
             raise TrainError("max_failures must be >= 0")
         if c.init_lambda is not None and not c.init_lambda > 0:
             raise TrainError(f"init lambda must be positive, got {c.init_lambda}")
+        lo, hi = c.roi_quality_range
+        if not 0 <= lo <= hi <= 1 or not 0 <= c.uniform_fraction <= 1:
+            raise TrainError(f"need 0 <= roi-quality range low <= high <= 1 and a uniform fraction in [0, 1], "
+                             f"got {lo}, {hi} and {c.uniform_fraction}")
+        n_rates = c.model.get("n_rates")
+        if c.rate_points is not None and (not c.rate_points or min(c.rate_points) < 0
+                                          or (n_rates and max(c.rate_points) >= n_rates)):
+            raise TrainError(f"rate points must be among 0..{(n_rates or 4) - 1}, got {c.rate_points}")
         if not 0 < c.lambda_low <= c.lambda_high:
             raise TrainError(f"need 0 < alpha-low <= alpha-high, got {c.lambda_low}, {c.lambda_high}")
         try:
@@ -520,6 +533,17 @@ def build_parser(variant: str | None = None, description: str | None = None) -> 
     p.add_argument("--disc-lr", type=float, default=1e-4, help="perceptual stage: the discriminator's learning rate")
     p.add_argument("--disc-width", type=int, default=32,
                    help="perceptual stage: the discriminator's first-layer channels")
+    p.add_argument("--disc-warmup", type=int, default=0, metavar="STEPS",
+                   help="perceptual stage: train the discriminator alone (codec frozen) for its first STEPS steps, "
+                        "so that the codec's adversarial term starts from a discriminator that tells decoded "
+                        "crops from real ones")
+    p.add_argument("--roi-quality-range", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
+                   help="the non-ROI values Q the steps draw from (default 0 1; e.g. 0 0.3 for a perceptual "
+                        "stage aimed at coarse backgrounds)")
+    p.add_argument("--uniform-fraction", type=float, default=0.25,
+                   help="share of the images trained at Q = 1 (uniform quality)")
+    p.add_argument("--rate-points", type=int, nargs="+", metavar="I",
+                   help="the rate points the steps draw from (default: all)")
     p.add_argument("--saliency-weight", type=float, default=0.0,
                    help="blend saliency into the ROI mask: max(roi, w * saliency)")
     p.add_argument("--roi-crops", type=float, default=0.0, dest="roi_crop_fraction",
@@ -561,7 +585,8 @@ def config_argv(parser: argparse.ArgumentParser, path: str | Path) -> list[str]:
 
     Keys are the parser's long option names without ``--``, ``_`` accepted for ``-``; a flag
     (``--smoke``, ``--use-gpu``) takes true or false; other values are written as on the
-    command line (numbers, strings), so the parser checks types and choices as usual.
+    command line (numbers, strings; a list for an option of several values), so the parser
+    checks types, counts and choices as usual.
     Raises :class:`TrainError` (one line) for an unreadable file or an unknown key."""
     import yaml
 
@@ -593,6 +618,8 @@ def config_argv(parser: argparse.ArgumentParser, path: str | Path) -> list[str]:
                 argv.append(opt)
         elif value is None:
             continue
+        elif isinstance(value, list) and action.nargs not in (None, "?"):  # e.g. rate-points: [0, 1]
+            argv += [opt, *(str(v) for v in value)]
         elif isinstance(value, (list, dict)) or isinstance(value, bool):
             raise TrainError(f"config {path}: {name} takes one value, got {value!r}")
         else:
@@ -654,9 +681,10 @@ def config_from_args(args: argparse.Namespace, variant: str | None = None) -> Tr
         max_val_samples=4 if smoke else 16, val_encode_images=1 if smoke else 2,
         lr=pick(args.lr, 1e-4, 2e-3), aux_lr=args.aux_lr, lambda_low=pick(args.alpha_low, 0.0035, 0.0483),
         lambda_high=pick(args.alpha_high, 0.0483, 0.18),
-        omega=args.omega, ms_ssim_weight=args.ms_ssim_weight,
+        omega=args.omega, ms_ssim_weight=args.ms_ssim_weight, roi_quality_range=tuple(args.roi_quality_range),
+        uniform_fraction=args.uniform_fraction, rate_points=args.rate_points,
         stage=args.stage, vgg_losses=not args.no_vgg_losses, vgg_weights=args.vgg_weights, disc_lr=args.disc_lr,
-        disc_width=args.disc_width,
+        disc_width=args.disc_width, disc_warmup=args.disc_warmup,
         loss_weights={k: getattr(args, f"loss_{k}") for k in PERCEPTUAL_DEFAULTS},
         checkpoint_every=pick(args.checkpoint_every, DEFAULT_CHECKPOINT_EVERY, 20), report_every=args.report_every,
         keep=args.keep,

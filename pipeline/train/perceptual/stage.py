@@ -12,6 +12,11 @@ per batch, a non-ROI value Q per image), then
    DDP), whose logits also give its accuracy;
 3. the entropy bottleneck's auxiliary step.
 
+For the first ``disc_warmup`` steps of the stage (counted from the step it started at, kept in
+``discriminator.pt``) only the discriminator trains, on the frozen codec's decoded crops: a fresh
+discriminator against a trained codec is at chance, and its gradients would only be noise to
+the codec (on 2 CPU cores the stage's discriminator stayed at chance for 600 joint steps).
+
 ``discriminator.pt`` (next to ``model.pt`` and ``train_state.pt`` in every checkpoint folder):
 the discriminator's weights, its Adam state and its shape, so a restarted worker resumes both
 networks. A run that starts from an MSE checkpoint starts a fresh discriminator.
@@ -94,7 +99,7 @@ def discriminator_step(disc: nn.Module, optimizer: torch.optim.Optimizer, y_hat:
 class PerceptualStage:
     """The second stage of one worker: the loss, the discriminator (and its DDP wrapper) and
     its optimiser. ``config`` is the training loop's (``loss_weights``, ``vgg_losses``,
-    ``vgg_weights``, ``disc_lr``, ``disc_width``)."""
+    ``vgg_weights``, ``disc_lr``, ``disc_width``, ``disc_warmup``)."""
 
     def __init__(self, config: dict[str, Any], latent_ch: int, device: torch.device,
                  saved: dict[str, Any] | None = None) -> None:
@@ -107,11 +112,14 @@ class PerceptualStage:
         self.disc = self.shape.build().to(device)
         self.optimizer = torch.optim.Adam(self.disc.parameters(), lr=float(config.get("disc_lr") or 1e-4),
                                           betas=(0.5, 0.999))
+        self.warmup = int(config.get("disc_warmup") or 0)
         self.resumed_step = None
+        self.first_step: int | None = None  # the step the stage started at (the MSE checkpoint's)
         if saved is not None:
             self.disc.load_state_dict(saved["state_dict"])
             self.optimizer.load_state_dict(saved["optimizer"])
             self.resumed_step = int(saved["step"])
+            self.first_step = saved.get("first_step")
         self.disc_net: nn.Module = self.disc
 
     def prepare(self) -> None:
@@ -120,13 +128,25 @@ class PerceptualStage:
 
         self.disc_net = ray.train.torch.prepare_model(self.disc, move_to_device=False)
 
+    def warming_up(self, step: int) -> bool:
+        """Whether ``step`` (0-based, the run's) only trains the discriminator."""
+        if self.first_step is None:
+            self.first_step = step
+        return step < self.first_step + self.warmup
+
     def step(self, net: nn.Module, x: torch.Tensor, mask: torch.Tensor, optimizer: torch.optim.Optimizer,
              aux_optimizer: torch.optim.Optimizer, settings: StepSettings, rng: random.Random,
-             amp: bool = False) -> dict[str, float]:
-        """One codec step, one discriminator step, one auxiliary step; every term's value."""
+             amp: bool = False, step: int = 0) -> dict[str, float]:
+        """One codec step, one discriminator step, one auxiliary step; every term's value. During
+        the warm-up (:meth:`warming_up`), the discriminator's step alone on the frozen codec."""
         rate_index, q = sample_knobs(settings, x.shape[0], rng)
         q = q.to(x.device)
         rate = rate_index / max(settings.n_rates - 1, 1)
+        if self.warming_up(step):
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=amp, dtype=torch.bfloat16):
+                out = net(x, mask, q, rate)
+            metrics = discriminator_step(self.disc_net, self.optimizer, out["y_hat"].float(), out["x_hat"].float(), x)
+            return {**metrics, "rate_index": float(rate_index)}
         alpha = rate_lambdas(settings.n_rates, settings.lambda_low, settings.lambda_high)[rate_index]
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(x.device.type, enabled=amp, dtype=torch.bfloat16):
@@ -153,7 +173,7 @@ class PerceptualStage:
     def save(self, path: str | Path, step: int) -> None:
         """``discriminator.pt``: weights, Adam state, shape and step."""
         torch.save({"state_dict": self.disc.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "shape": asdict(self.shape), "step": step}, path)
+                    "shape": asdict(self.shape), "step": step, "first_step": self.first_step}, path)
 
 
 def load_discriminator_state(folder: str | Path) -> dict[str, Any] | None:
