@@ -353,11 +353,10 @@ def _setup_worker(config: dict[str, Any]) -> _Worker:
     if state:
         optimizer.load_state_dict(state["optimizer"])
         aux_optimizer.load_state_dict(state["aux_optimizer"])
-    lo, hi = config.get("roi_quality_range") or (0.0, 1.0)
+    lo, hi = config["roi_quality_range"]
     settings = StepSettings(n_rates=codec.n_rates, lambda_low=config["lambda_low"],
                             lambda_high=config["lambda_high"], min_roi_quality=lo, max_roi_quality=hi,
-                            uniform_fraction=config.get("uniform_fraction", 0.25),
-                            rate_points=config.get("rate_points"))
+                            uniform_fraction=config["uniform_fraction"], rate_points=config["rate_points"])
     loss_fn = ROIRateDistortionLoss(omega=config["omega"], normalize=config["lambda_norm"],
                                     ms_ssim_weight=config["ms_ssim_weight"])
     perceptual = None

@@ -35,7 +35,7 @@ class StepSettings:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_roi_quality <= self.max_roi_quality <= 1.0:
-            raise ValueError(f"need 0 <= min roi-quality <= max roi-quality <= 1, got "
+            raise ValueError(f"need 0 <= roi-quality range low <= high <= 1, got "
                              f"{self.min_roi_quality}, {self.max_roi_quality}")
         if not 0.0 <= self.uniform_fraction <= 1.0:
             raise ValueError(f"uniform fraction must be in [0, 1], got {self.uniform_fraction}")

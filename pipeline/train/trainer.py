@@ -57,6 +57,7 @@ from pipeline.train.loss import NORMALIZATIONS
 from pipeline.train.perceptual.stage import STAGES, perceptual_weights
 from pipeline.train.loop import (DEFAULT_CHECKPOINT_EVERY, DEFAULT_REPORT_EVERY, DEFAULT_VAL_POINTS, MODEL_FILE,
                                  train_loop_per_worker)
+from pipeline.train.steps import StepSettings
 
 DEFAULT_MODEL = {"N": 128, "M": 192, "n_rates": 4}
 SMOKE_MODEL = {"N": 16, "M": 24, "n_rates": 2}
@@ -203,13 +204,12 @@ class TrainConfig:
         if c.init_lambda is not None and not c.init_lambda > 0:
             raise TrainError(f"init lambda must be positive, got {c.init_lambda}")
         lo, hi = c.roi_quality_range
-        if not 0 <= lo <= hi <= 1 or not 0 <= c.uniform_fraction <= 1:
-            raise TrainError(f"need 0 <= roi-quality range low <= high <= 1 and a uniform fraction in [0, 1], "
-                             f"got {lo}, {hi} and {c.uniform_fraction}")
-        n_rates = c.model.get("n_rates")
-        if c.rate_points is not None and (not c.rate_points or min(c.rate_points) < 0
-                                          or (n_rates and max(c.rate_points) >= n_rates)):
-            raise TrainError(f"rate points must be among 0..{(n_rates or 4) - 1}, got {c.rate_points}")
+        try:  # the workers' checks, before Ray starts (an n_rates left to the --init weights: no upper bound)
+            StepSettings(n_rates=c.model.get("n_rates") or 1 + max([0, *(c.rate_points or [])]),
+                         min_roi_quality=lo, max_roi_quality=hi, uniform_fraction=c.uniform_fraction,
+                         rate_points=c.rate_points)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
         if not 0 < c.lambda_low <= c.lambda_high:
             raise TrainError(f"need 0 < alpha-low <= alpha-high, got {c.lambda_low}, {c.lambda_high}")
         try:
